@@ -1,0 +1,253 @@
+"""HDF5 artifacts: schema, provenance, ragged data, atomic and byte-identical writes.
+
+Every stage output is one HDF5 file whose root attributes record the schema name and
+version, the stage, the stage's params (JSON), the code version, the dataset fingerprint
+and the ids of the input artifacts. Files are written to a temporary file in the same
+folder and `os.replace`d into place, so a killed stage never leaves a half-written
+artifact. Inputs are opened read-only (DVC may hard-link them from its cache). No
+timestamps are stored, so identical inputs give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import h5py
+import numpy as np
+
+from pipeline import __version__
+from pipeline.errors import ArtifactError
+
+#: Current version of every schema this code writes and reads.
+SCHEMAS: dict[str, int] = {
+    "useg.index": 1,
+    "useg.features": 1,
+    "useg.predictions": 1,
+}
+
+_CHUNK_BYTES = 256 * 1024
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What an artifact was made from."""
+
+    stage: str
+    params_json: str
+    dataset_fingerprint: str
+    inputs: dict[str, str]
+
+    def artifact_id(self, schema: str) -> str:
+        """A content id over everything that determines the artifact."""
+        blob = json.dumps(
+            {
+                "schema": schema,
+                "version": SCHEMAS[schema],
+                "stage": self.stage,
+                "params": self.params_json,
+                "code": __version__,
+                "dataset": self.dataset_fingerprint,
+                "inputs": self.inputs,
+            },
+            sort_keys=True,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _tmp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp.h5")
+
+
+@contextlib.contextmanager
+def write_artifact(path: str | Path, schema: str, prov: Provenance) -> Iterator[h5py.File]:
+    """Open a new artifact for writing; it appears at `path` only when complete.
+
+    On any exception (including KeyboardInterrupt) the temporary file is removed and the
+    previous artifact at `path`, if any, is left untouched.
+    """
+    if schema not in SCHEMAS:
+        raise ArtifactError(f"unknown artifact schema {schema!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_path(path)
+    for stale in path.parent.glob(f".{path.name}.*.tmp.h5"):
+        stale.unlink(missing_ok=True)
+    f = h5py.File(tmp, "w", libver=("earliest", "v110"), track_order=False)
+    try:
+        attrs = f.attrs
+        attrs["schema"] = schema
+        attrs["schema_version"] = SCHEMAS[schema]
+        attrs["stage"] = prov.stage
+        attrs["params"] = prov.params_json
+        attrs["code_version"] = __version__
+        attrs["dataset_fingerprint"] = prov.dataset_fingerprint
+        attrs["inputs"] = json.dumps(prov.inputs, sort_keys=True)
+        attrs["artifact_id"] = prov.artifact_id(schema)
+        yield f
+        f.close()
+        # A SIGINT between close and replace must not leave a half-state: block it.
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            os.replace(tmp, path)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            f.close()
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def open_artifact(
+    path: str | Path, schema: str, dataset_fingerprint: str | None = None
+) -> h5py.File:
+    """Open an artifact read-only and check its schema, version and dataset fingerprint."""
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"{path}: artifact not found (run its stage first)")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise ArtifactError(f"{path}: not a readable HDF5 artifact ({e})") from None
+    got = f.attrs.get("schema")
+    if got != schema:
+        f.close()
+        raise ArtifactError(f"{path}: schema is {got!r}, expected {schema!r}")
+    ver = int(f.attrs.get("schema_version", -1))
+    if ver != SCHEMAS[schema]:
+        f.close()
+        raise ArtifactError(
+            f"{path}: schema {schema} version {ver}, this code reads version {SCHEMAS[schema]}: re-run its stage"
+        )
+    if dataset_fingerprint is not None and f.attrs.get("dataset_fingerprint") != dataset_fingerprint:
+        fp = str(f.attrs.get("dataset_fingerprint"))[:12]
+        f.close()
+        raise ArtifactError(
+            f"{path}: made from another dataset (fingerprint {fp}..., expected {dataset_fingerprint[:12]}...): re-run its stage"
+        )
+    return f
+
+
+def chunk_rows(row_shape: Sequence[int], dtype: np.dtype, n_rows: int) -> tuple[int, ...]:
+    """Chunk shape of about 256 KiB along the first axis."""
+    row_bytes = max(1, int(np.prod(row_shape)) * np.dtype(dtype).itemsize)
+    rows = max(1, min(max(n_rows, 1), _CHUNK_BYTES // row_bytes))
+    return (rows, *row_shape)
+
+
+def create_dataset(f: h5py.Group, name: str, shape: Sequence[int], dtype, compression: str | None = "gzip") -> h5py.Dataset:
+    """A chunked, compressed dataset (no timestamps) of a fixed shape."""
+    shape = tuple(int(s) for s in shape)
+    kw = {}
+    if compression and shape[0] > 0:
+        kw = dict(compression=compression, shuffle=True, chunks=chunk_rows(shape[1:], np.dtype(dtype), shape[0]))
+        if compression == "gzip":
+            kw["compression_opts"] = 4
+    return f.create_dataset(name, shape=shape, dtype=dtype, track_times=False, **kw)
+
+
+class RaggedWriter:
+    """Append variable-size arrays to one flat chunked dataset plus offsets and shapes.
+
+    Layout under `group`: `data` (flat, 1-D), `offsets` (N+1, int64), `shapes` (N, ndim).
+    """
+
+    def __init__(self, f: h5py.Group, name: str, dtype, ndim: int, compression: str = "gzip"):
+        self.g = f.create_group(name, track_order=False)
+        self.ndim = ndim
+        chunk = max(1, _CHUNK_BYTES // np.dtype(dtype).itemsize)
+        kw = dict(compression=compression, shuffle=True)
+        if compression == "gzip":
+            kw["compression_opts"] = 4
+        self.data = self.g.create_dataset(
+            "data", shape=(0,), maxshape=(None,), dtype=dtype, chunks=(chunk,), track_times=False, **kw
+        )
+        self.offsets = [0]
+        self.shapes: list[tuple[int, ...]] = []
+
+    def append(self, arr: np.ndarray) -> None:
+        arr = np.ascontiguousarray(arr)
+        if arr.ndim != self.ndim:
+            raise ValueError(f"expected a {self.ndim}-d array, got shape {arr.shape}")
+        n0 = self.offsets[-1]
+        n1 = n0 + arr.size
+        self.data.resize((n1,))
+        self.data[n0:n1] = arr.reshape(-1)
+        self.offsets.append(n1)
+        self.shapes.append(arr.shape)
+
+    def close(self) -> None:
+        self.g.create_dataset("offsets", data=np.asarray(self.offsets, dtype=np.int64), track_times=False)
+        self.g.create_dataset(
+            "shapes", data=np.asarray(self.shapes, dtype=np.int64).reshape(-1, self.ndim), track_times=False
+        )
+
+
+class RaggedReader:
+    """Random access to arrays written by `RaggedWriter`."""
+
+    def __init__(self, f: h5py.Group, name: str):
+        if name not in f:
+            raise ArtifactError(f"{getattr(f, 'filename', '?')}: has no ragged dataset {name!r}")
+        g = f[name]
+        self.data = g["data"]
+        self.offsets = g["offsets"][()]
+        self.shapes = g["shapes"][()]
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        return self.data[a:b].reshape(tuple(self.shapes[i]))
+
+
+def string_dataset(f: h5py.Group, name: str, values: Sequence[str]) -> None:
+    """Store a list of strings as a fixed-order UTF-8 dataset."""
+    dt = h5py.string_dtype("utf-8")
+    f.create_dataset(name, data=np.asarray(list(values), dtype=object), dtype=dt, track_times=False)
+
+
+def read_strings(f: h5py.Group, name: str) -> list[str]:
+    return [s.decode() if isinstance(s, bytes) else str(s) for s in f[name][()]]
+
+
+def describe(path: str | Path) -> str:
+    """Human-readable summary of an artifact: attributes and datasets."""
+    path = Path(path)
+    lines = [str(path)]
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise ArtifactError(f"{path}: not a readable HDF5 file ({e})") from None
+    with f:
+        for k in sorted(f.attrs):
+            v = f.attrs[k]
+            s = v if not isinstance(v, bytes) else v.decode()
+            s = str(s)
+            if len(s) > 200:
+                s = s[:200] + "..."
+            lines.append(f"  @{k} = {s}")
+
+        def visit(name: str, obj) -> None:
+            if isinstance(obj, h5py.Dataset):
+                comp = obj.compression or "none"
+                lines.append(f"  {name}: {obj.dtype} {obj.shape} chunks={obj.chunks} {comp}")
+
+        f.visititems(visit)
+    return "\n".join(lines)
+
+
+def file_md5(path: str | Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

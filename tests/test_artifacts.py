@@ -1,0 +1,91 @@
+"""HDF5 artifacts: schema checks, ragged data, atomic and byte-identical writes."""
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.artifacts import (
+    Provenance,
+    RaggedReader,
+    RaggedWriter,
+    create_dataset,
+    file_md5,
+    open_artifact,
+    read_strings,
+    string_dataset,
+    write_artifact,
+)
+from pipeline.errors import ArtifactError
+from stages.cli import app
+
+PROV = Provenance("test", '{"a": 1}', "fp-dataset-a", {"index": "x.h5"})
+
+
+def make(path, prov=PROV, schema="useg.features"):
+    rng = np.random.default_rng(0)
+    with write_artifact(path, schema, prov) as f:
+        d = create_dataset(f, "tokens", (7, 5, 3), np.float16, "lzf")
+        d[...] = rng.normal(size=(7, 5, 3))
+        w = RaggedWriter(f, "labels", np.uint16, 2)
+        for h, wd in [(3, 4), (5, 2), (1, 1)]:
+            w.append(rng.integers(0, 9, size=(h, wd)))
+        w.close()
+        string_dataset(f, "ids", ["a", "b", "c"])
+
+
+def test_roundtrip_and_provenance(tmp_path):
+    make(tmp_path / "a.h5")
+    with open_artifact(tmp_path / "a.h5", "useg.features", "fp-dataset-a") as f:
+        assert f.mode == "r"
+        r = RaggedReader(f, "labels")
+        assert [r[i].shape for i in range(len(r))] == [(3, 4), (5, 2), (1, 1)]
+        assert read_strings(f, "ids") == ["a", "b", "c"]
+        assert f.attrs["stage"] == "test" and f.attrs["params"] == '{"a": 1}'
+        assert f["tokens"].shape == (7, 5, 3)
+
+
+def test_byte_identical(tmp_path):
+    make(tmp_path / "a.h5")
+    make(tmp_path / "b.h5")
+    assert file_md5(tmp_path / "a.h5") == file_md5(tmp_path / "b.h5")
+
+
+def test_wrong_schema_version_dataset(tmp_path):
+    make(tmp_path / "a.h5")
+    with pytest.raises(ArtifactError, match="schema is 'useg.features', expected 'useg.predictions'"):
+        open_artifact(tmp_path / "a.h5", "useg.predictions")
+    with pytest.raises(ArtifactError, match="made from another dataset"):
+        open_artifact(tmp_path / "a.h5", "useg.features", "fp-dataset-b")
+    import h5py
+
+    with h5py.File(tmp_path / "a.h5", "r+") as f:
+        f.attrs["schema_version"] = 0
+    with pytest.raises(ArtifactError, match="version 0, this code reads version 1"):
+        open_artifact(tmp_path / "a.h5", "useg.features")
+    with pytest.raises(ArtifactError, match="artifact not found"):
+        open_artifact(tmp_path / "missing.h5", "useg.features")
+
+
+def test_failed_write_leaves_previous_artifact(tmp_path):
+    make(tmp_path / "a.h5")
+    before = file_md5(tmp_path / "a.h5")
+    with pytest.raises(RuntimeError):
+        with write_artifact(tmp_path / "a.h5", "useg.features", PROV) as f:
+            f.create_dataset("x", data=np.zeros(10))
+            raise RuntimeError("killed")
+    assert file_md5(tmp_path / "a.h5") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.h5"]
+    with pytest.raises(KeyboardInterrupt):
+        with write_artifact(tmp_path / "new.h5", "useg.features", PROV):
+            raise KeyboardInterrupt
+    assert not (tmp_path / "new.h5").exists()
+
+
+def test_info_command(tmp_path):
+    make(tmp_path / "a.h5")
+    res = CliRunner().invoke(app, ["info", str(tmp_path / "a.h5")])
+    assert res.exit_code == 0
+    assert "@schema = useg.features" in res.output
+    assert "labels/data: uint16" in res.output
+    res = CliRunner().invoke(app, ["info", str(tmp_path / "nope.h5")])
+    assert res.exit_code == 2 and "not a readable HDF5 file" in res.output
