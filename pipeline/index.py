@@ -7,6 +7,7 @@ from another dataset is caught when it is read.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,5 +93,5 @@ def read_index(path: str | Path) -> ImageIndex:
         if s is None:
             raise DataError(f"{path}: image {i!r} ({sp}) is no longer in {root}: re-run prepare")
         samples.append(s)
-    ds = Dataset(ds.name, samples, ds.class_names, ds.mask_lut)
+    ds = dataclasses.replace(ds, samples=samples)
     return ImageIndex(ds, fingerprint, heights, widths)
