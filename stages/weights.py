@@ -15,4 +15,5 @@ def run(params: Params, out: Path) -> None:
 
     cache = Path(params.weights.cache_dir).expanduser()
     manifest = build_weights(out, cache)
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
     Console(stderr=True).print(f"weights: {json.dumps(manifest, indent=1, sort_keys=True, default=str)}")

@@ -1,0 +1,51 @@
+"""Stage `probe`: the supervised linear probe on frozen patch tokens (the ceiling, reported apart)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+
+from pipeline import runtime
+from pipeline.artifacts import open_artifact
+from pipeline.config import Params
+from pipeline.errors import DataError
+from pipeline.index import read_index
+from pipeline.probe import ProbeConfig, evaluate_probe, train_linear_probe
+from pipeline.progress import track
+
+
+def run(params: Params, index_path: Path, features_path: Path, out: Path) -> dict:
+    device = runtime.setup(params.base)
+    index = read_index(index_path)
+    ds = index.dataset
+    if not ds.has_labels:
+        raise DataError(f"dataset {ds.name!r} has no masks: the linear probe needs GT")
+    cfg = params.probe
+    pcfg = ProbeConfig(
+        epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay, batch_size=cfg.batch_size,
+        seed=params.base.seed, device=str(device),
+    )
+    train = index.positions(params.base.train_split)
+    val = index.positions(params.base.eval_split)
+    with open_artifact(features_path, "useg.features", index.fingerprint) as f:
+        grid = tuple(int(v) for v in f.attrs["grid"])
+        tok = f["patch_tokens"]
+        train_tokens = tok[train]
+        val_tokens = tok[val]
+    train_gt = [ds.load_mask(ds.samples[int(i)]) for i in track(train, "probe: train GT")]
+    model = train_linear_probe(train_tokens, grid, train_gt, ds.num_classes, pcfg)
+    del train_tokens, train_gt
+    val_gt = [ds.load_mask(ds.samples[int(i)]) for i in track(val, "probe: eval GT")]
+    res = evaluate_probe(model, val_tokens, val_gt)
+    metrics = {"probe": {"miou": round(float(res.miou), 4), "pixel_accuracy": round(float(res.pixel_accuracy), 4), "matching": res.method}}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    (out / "per_class.json").write_text(json.dumps(res.to_dict(ds.class_names), indent=2, sort_keys=True) + "\n")
+    Console(stderr=True).print(
+        f"probe: {ds.name} {params.base.eval_split}: mIoU {res.miou:.1f}, pixel accuracy {res.pixel_accuracy:.1f} "
+        f"(train loss {model.history[0]:.3f} -> {model.history[-1]:.3f})"
+    )
+    return metrics
