@@ -30,6 +30,9 @@ SCHEMAS: dict[str, int] = {
     "useg.index": 1,
     "useg.features": 1,
     "useg.predictions": 1,
+    "useg.masks": 1,
+    "useg.clusters": 1,
+    "useg.pseudolabels": 1,
 }
 
 _CHUNK_BYTES = 256 * 1024

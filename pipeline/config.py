@@ -92,6 +92,33 @@ class ProbeSection:
 
 
 @dataclass(frozen=True)
+class MineConfig:
+    method: str = opt("attention", choices=("attention", "saliency", "spectral"))
+    saliency_source: str = opt("focus", choices=("focus", "prior"))
+    num_heads_avg: int = opt(5, min=1, max=64)
+    attn_mass: float = opt(0.5, min=0.01, max=1.0)
+    topk: float = opt(0.4, min=0.01, max=1.0)
+    center_keys: bool = opt(True)
+    saliency_threshold: float = opt(0.5, min=0.0, max=1.0)
+    min_component: float = opt(0.01, min=0.0, max=1.0)
+    min_area: float = opt(0.01, min=0.0, max=1.0)
+    masks_per_image: int = opt(1, min=1, max=64)
+    spectral_min_area: float = opt(0.01, min=0.0, max=1.0)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    embedding: str = opt("cls_crop", choices=("cls_crop", "pooled"))
+    num_clusters: int = opt(0, min=0, max=10_000)
+    overcluster: int = opt(1, min=1, max=100)
+    kmeans_iters: int = opt(100, min=1, max=10_000)
+    kmeans_redo: int = opt(5, min=1, max=100)
+    crop_size: int = opt(224, min=14, max=1024)
+    crop_pad: float = opt(0.0, min=0.0, max=1.0)
+    batch_size: int = opt(32, min=1, max=4096)
+
+
+@dataclass(frozen=True)
 class Params:
     base: BaseConfig = field(default_factory=BaseConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
@@ -100,6 +127,8 @@ class Params:
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     probe: ProbeSection = field(default_factory=ProbeSection)
+    mine: MineConfig = field(default_factory=MineConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def section_json(self, name: str) -> str:
         """Canonical JSON of `base` plus one section, for artifact provenance."""

@@ -25,7 +25,7 @@ IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 
 def preprocess(image: np.ndarray, size: Sequence[int]) -> torch.Tensor:
     """uint8 RGB (H, W, 3) -> ImageNet-normalised float (3, h, w) at `size` = (h, w)."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+    x = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1).float().div_(255.0)
     if tuple(x.shape[1:]) != tuple(size):
         x = F.interpolate(x[None], size=tuple(size), mode="bilinear", align_corners=False, antialias=True)[0]
     return (x - IMAGENET_MEAN) / IMAGENET_STD

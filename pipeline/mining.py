@@ -58,6 +58,7 @@ class AttentionMiningConfig:
     num_heads_avg: int = 5
     attn_mass: float = 0.5
     topk: float = 0.4
+    center_keys: bool = False
     mass_normalisation: str = "sum"
 
     def __post_init__(self) -> None:
@@ -187,6 +188,11 @@ def attention_mask(
     seed = int(proposals[0])
 
     kf = np.asarray(keys, dtype=np.float64)
+    if cfg.center_keys:
+        # DINOv2's last-block keys share a large common component: every key-key product is
+        # positive and the "mask" would be the whole image. Centring per image restores the
+        # sign structure LOST/MaskDistill rely on (our deviation for DINOv2 backbones).
+        kf = kf - kf.mean(axis=0, keepdims=True)
     sources = proposals[kf[proposals] @ kf[seed] > 0.0]
     # sum of the affinity rows of the sources = K @ (sum of their keys): O(P D), not O(P^2 D)
     diffused = kf @ kf[sources].sum(axis=0)

@@ -71,7 +71,7 @@ def overlays(index, reader, positions, result: MatchResult, n: int, out_path: Pa
         gt = index.dataset.load_mask(s)
         mapped = result.mapping[reader[j].astype(np.int64)]
         mapped = np.where(mapped < 0, 255, mapped).astype(np.uint8)
-        rows.append([img, viz.overlay(img, gt), viz.overlay(img, mapped)])
+        rows.append([img, viz.overlay(img, gt, alpha=0.7), viz.overlay(img, mapped, alpha=0.7)])
     if rows:
         viz.overlay_grid(rows, ["image", "ground truth", "prediction"], out_path)
 

