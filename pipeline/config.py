@@ -119,6 +119,25 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class FilterConfig:
+    score_threshold: float = opt(0.9, min=0.0, max=1.0)
+    mask_threshold: float = opt(0.5, min=0.0, max=1.0)
+    score_floor: float = opt(0.05, min=0.0, max=1.0)
+
+
+@dataclass(frozen=True)
+class CRFSection:
+    rounds: int = opt(0, min=0, max=20)
+    predict: bool = opt(False)
+    iters: int = opt(10, min=1, max=1000)
+    gauss_sxy: float = opt(1.0, min=0.0)
+    gauss_compat: float = opt(3.0, min=0.0)
+    bilateral_sxy: float = opt(67.0, min=0.0)
+    bilateral_srgb: float = opt(3.0, min=0.0)
+    bilateral_compat: float = opt(4.0, min=0.0)
+
+
+@dataclass(frozen=True)
 class Params:
     base: BaseConfig = field(default_factory=BaseConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
@@ -129,6 +148,10 @@ class Params:
     probe: ProbeSection = field(default_factory=ProbeSection)
     mine: MineConfig = field(default_factory=MineConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    distill: "DistillConfig" = field(default_factory=lambda: DistillConfig())
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    segment: "SegmentConfig" = field(default_factory=lambda: SegmentConfig())
+    crf: CRFSection = field(default_factory=CRFSection)
 
     def section_json(self, name: str) -> str:
         """Canonical JSON of `base` plus one section, for artifact provenance."""
@@ -236,3 +259,9 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 def section_dict(obj: Any) -> dict:
     """A plain dict of a config dataclass (for JSON provenance)."""
     return dataclasses.asdict(obj)
+
+
+# The training sections live beside their trainers (they use `opt` from this module), so they
+# are imported last: `typing.get_type_hints(Params)` resolves them when params are loaded.
+from pipeline.maskrcnn import DistillConfig  # noqa: E402
+from pipeline.segmenter import SegmentConfig  # noqa: E402

