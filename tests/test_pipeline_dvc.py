@@ -38,6 +38,9 @@ def tiny_params(repo: Path) -> None:
     p["synth"].update(num_images=24, image_size=112)
     p["features"].update(input_size=[112, 112], batch_size=8)
     p["probe"].update(epochs=3)
+    p["cluster"].update(crop_size=112)
+    p["distill"].update(epochs=1, min_size=112, max_size=224, warmup_iters=2)
+    p["segment"].update(epochs=1, crop_size=112, batch_size=4)
     p["evaluate"].update(num_overlays=2)
     (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
 
@@ -62,11 +65,15 @@ def test_dvc_repro_end_to_end(tmp_path):
     dvc = [str(Path(sys.executable).parent / "dvc")]
 
     out = sh(dvc + ["repro"], repo)
-    assert {"synth", "prepare", "weights", "features", "baseline", "probe", "evaluate"} <= ran(out)
+    assert {"synth", "prepare", "weights", "features", "baseline", "probe", "mine", "cluster", "distill", "filter",
+            "segment", "predict", "evaluate"} <= ran(out)
     metrics = json.loads((repo / "results/evaluate/metrics.json").read_text())
     assert 0.0 <= metrics["baseline"]["patch_kmeans"]["miou"] <= 100.0
     assert metrics["baseline"]["patch_kmeans"]["matching"] == "hungarian-counts"
     assert "rgbxy_kmeans" in metrics["baseline"]
+    assert 0.0 <= metrics["maskdistill"]["maskdistill"]["miou"] <= 100.0
+    diag = json.loads((repo / "results/filter/metrics.json").read_text())["diagnostic_train_gt"]
+    assert set(diag) == {"before_filter", "after_filter"}
     probe = json.loads((repo / "results/probe/metrics.json").read_text())
     assert 0.0 <= probe["probe"]["miou"] <= 100.0
     assert (repo / "results/evaluate/baseline_patch_kmeans/overlays.png").stat().st_size > 0
@@ -81,5 +88,7 @@ def test_dvc_repro_end_to_end(tmp_path):
     sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "lock"], repo)
     out = sh(dvc + ["exp", "run", "-S", "baseline.kmeans_iters=20"], repo)
     assert ran(out) == {"baseline", "evaluate"}, out
+    out = sh(dvc + ["exp", "run", "-S", "filter.score_threshold=0.5"], repo)
+    assert ran(out) == {"filter", "segment", "predict", "evaluate"}, out
     shown = sh(dvc + ["exp", "show", "--no-pager", "--md"], repo)
     assert "baseline.kmeans_iters" in shown

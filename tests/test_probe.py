@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -124,3 +126,17 @@ def test_probe_rejects_bad_input() -> None:
         ProbeConfig(loss_target="pixels")
     with pytest.raises(ValueError, match="epochs"):
         ProbeConfig(epochs=0)
+
+
+def test_probe_reads_tokens_from_h5py(tmp_path: Path) -> None:
+    h5py = pytest.importorskip("h5py")
+    tokens, labels = _synthetic(8, seed=0)
+    cfg = ProbeConfig(epochs=2, batch_size=4)
+    with h5py.File(tmp_path / "features.h5", "w") as f:
+        f.create_dataset("patch_tokens", data=tokens, chunks=(2, *tokens.shape[1:]))
+    with h5py.File(tmp_path / "features.h5", "r") as f:
+        from_h5 = train_linear_probe(f["patch_tokens"], GRID, labels, NUM_CLASSES, cfg)
+        preds_h5 = predict_probe(from_h5, f["patch_tokens"], [(24, 32)] * 8)
+    from_np = train_linear_probe(tokens, GRID, labels, NUM_CLASSES, cfg)
+    np.testing.assert_array_equal(from_h5.weight, from_np.weight)
+    np.testing.assert_array_equal(preds_h5[3], predict_probe(from_np, tokens, [(24, 32)] * 8)[3])
