@@ -89,6 +89,12 @@ def test_dvc_repro_end_to_end(tmp_path):
     out = sh(dvc + ["exp", "run", "-S", "baseline.kmeans_iters=20"], repo)
     assert ran(out) == {"baseline", "evaluate"}, out
     out = sh(dvc + ["exp", "run", "-S", "filter.score_threshold=0.5"], repo)
-    assert ran(out) == {"filter", "segment", "predict", "evaluate"}, out
+    # filter re-runs; what follows re-runs unless its inputs came out byte-identical (a tiny model
+    # may give the same labels at both thresholds, and DVC then rightly skips the rest); nothing
+    # upstream of filter runs.
+    assert "filter" in ran(out) and ran(out) <= {"filter", "segment", "predict", "evaluate"}, out
+    out = sh(dvc + ["exp", "run", "-S", "filter.score_threshold=0.9"], repo)
+    assert ran(out) == set(), out  # restored from the run cache
+    assert "is cached - skipping run" in out, out
     shown = sh(dvc + ["exp", "show", "--no-pager", "--md"], repo)
     assert "baseline.kmeans_iters" in shown
