@@ -44,17 +44,18 @@ def main() -> None:
         bare = (time.perf_counter() - t0) / (args.repeats * cfg.batch_size)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        stage.run(params, Path(args.index), Path(tmp) / "features.h5")
+        loop = stage.run(params, Path(args.index), Path(tmp) / "features.h5")
         total = time.perf_counter() - t0
     from pipeline.index import read_index
 
     n = len(read_index(args.index).dataset.samples)
-    per = total / n
+    per = loop / n
     print(f"machine: {platform.node()} {os.cpu_count()} cpus, torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(f"settings: {cfg.backbone} {cfg.input_size[0]}x{cfg.input_size[1]} batch {cfg.batch_size} {params.base.precision} on {device}")
     print(f"bare forward: {bare:.4f} s/image ({1 / bare:.2f} images/s)")
-    print(f"features stage ({n} images incl. model load, decode, resize, HDF5 write): {per:.4f} s/image ({1 / per:.2f} images/s)")
-    print(f"stage rate / bare rate: {bare / per:.3f}")
+    print(f"features stage loop ({n} images: decode, resize, forward, HDF5 write): {per:.4f} s/image ({1 / per:.2f} images/s)")
+    print(f"features stage total incl. start-up (model load, index): {total:.1f} s = {total / n:.4f} s/image")
+    print(f"stage loop rate / bare rate: {bare / per:.3f}; whole stage: {bare * n / total:.3f}")
 
 
 if __name__ == "__main__":

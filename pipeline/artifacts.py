@@ -146,11 +146,13 @@ def chunk_rows(row_shape: Sequence[int], dtype: np.dtype, n_rows: int) -> tuple[
 
 
 def create_dataset(f: h5py.Group, name: str, shape: Sequence[int], dtype, compression: str | None = "gzip") -> h5py.Dataset:
-    """A chunked, compressed dataset (no timestamps) of a fixed shape."""
+    """A chunked dataset (no timestamps) of a fixed shape, compressed unless `compression` is None."""
     shape = tuple(int(s) for s in shape)
     kw = {}
+    if shape[0] > 0:
+        kw["chunks"] = chunk_rows(shape[1:], np.dtype(dtype), shape[0])
     if compression and shape[0] > 0:
-        kw = dict(compression=compression, shuffle=True, chunks=chunk_rows(shape[1:], np.dtype(dtype), shape[0]))
+        kw.update(compression=compression, shuffle=True)
         if compression == "gzip":
             kw["compression_opts"] = 4
     return f.create_dataset(name, shape=shape, dtype=dtype, track_times=False, **kw)

@@ -33,7 +33,8 @@ def load_backbone(params: Params, device: torch.device) -> torch.nn.Module:
     return model.eval().to(device)
 
 
-def run(params: Params, index_path: Path, out: Path) -> None:
+def run(params: Params, index_path: Path, out: Path) -> float:
+    """Returns the seconds spent in the loop over images (decode, forward, write)."""
     cfg = params.features
     device = runtime.setup(params.base)
     index = read_index(index_path)
@@ -69,3 +70,4 @@ def run(params: Params, index_path: Path, out: Path) -> None:
         f"features: {len(samples)} images, {cfg.backbone} at {cfg.input_size[0]}x{cfg.input_size[1]} "
         f"(grid {layout.grid[0]}x{layout.grid[1]}), {params.base.precision}: {dt:.1f} s, {dt / len(samples):.3f} s/image"
     )
+    return dt
