@@ -126,18 +126,6 @@ class FilterConfig:
 
 
 @dataclass(frozen=True)
-class CRFSection:
-    rounds: int = opt(0, min=0, max=20)
-    predict: bool = opt(False)
-    iters: int = opt(10, min=1, max=1000)
-    gauss_sxy: float = opt(1.0, min=0.0)
-    gauss_compat: float = opt(3.0, min=0.0)
-    bilateral_sxy: float = opt(67.0, min=0.0)
-    bilateral_srgb: float = opt(3.0, min=0.0)
-    bilateral_compat: float = opt(4.0, min=0.0)
-
-
-@dataclass(frozen=True)
 class Params:
     base: BaseConfig = field(default_factory=BaseConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
@@ -151,7 +139,7 @@ class Params:
     distill: "DistillConfig" = field(default_factory=lambda: DistillConfig())
     filter: FilterConfig = field(default_factory=FilterConfig)
     segment: "SegmentConfig" = field(default_factory=lambda: SegmentConfig())
-    crf: CRFSection = field(default_factory=CRFSection)
+    crf: "CRFSection" = field(default_factory=lambda: CRFSection())
 
     def section_json(self, name: str) -> str:
         """Canonical JSON of `base` plus one section, for artifact provenance."""
@@ -265,3 +253,12 @@ def section_dict(obj: Any) -> dict:
 # are imported last: `typing.get_type_hints(Params)` resolves them when params are loaded.
 from pipeline.maskrcnn import DistillConfig  # noqa: E402
 from pipeline.segmenter import SegmentConfig  # noqa: E402
+from pipeline.crf import CRFConfig  # noqa: E402
+
+
+@dataclass(frozen=True)
+class CRFSection(CRFConfig):
+    """The `crf` params: MaskContrast's dense-CRF settings plus how the pipeline uses them."""
+
+    rounds: int = opt(0, min=0, max=20)
+    predict: bool = opt(False)

@@ -15,7 +15,7 @@ from pipeline.crf import dense_crf
 from pipeline.index import read_index
 from pipeline.progress import track
 from pipeline.segmenter import predict_segmenter
-from stages.segment import crf_config, load_segmenter
+from stages.segment import load_segmenter
 
 SCHEMA = "useg.predictions"
 
@@ -31,7 +31,7 @@ def run(params: Params, index_path: Path, model_path: Path, out: Path, name: str
     methods = [name] + ([f"{name}_crf"] if params.crf.predict else [])
     prov = Provenance("predict", params.section_json("crf"), index.fingerprint,
                       {"index": str(index_path), "segmenter": str(model_path)})
-    crf = crf_config(params)
+    crf = params.crf
     with write_artifact(out, SCHEMA, prov) as f:
         string_dataset(f, "ids", [ds.samples[int(i)].id for i in eval_pos])
         f.create_dataset("positions", data=eval_pos, track_times=False)

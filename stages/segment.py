@@ -17,18 +17,13 @@ from rich.console import Console
 from pipeline import runtime
 from pipeline.artifacts import RaggedReader, open_artifact
 from pipeline.config import Params
-from pipeline.crf import CRFConfig, crf_self_training_labels
+from pipeline.crf import crf_self_training_labels
 from pipeline.errors import ArtifactError
 from pipeline.index import read_index
 from pipeline.progress import track
 from pipeline.pseudo import segmenter_classes, training_target
 from pipeline.segmenter import build_deeplab, train_segmenter
 from pipeline.tracking import DVCLiveLogger
-
-
-def crf_config(params: Params) -> CRFConfig:
-    c = params.crf
-    return CRFConfig(c.iters, c.gauss_sxy, c.gauss_compat, c.bilateral_sxy, c.bilateral_srgb, c.bilateral_compat)
 
 
 def save_segmenter(model: torch.nn.Module, num_classes: int, params: Params, fingerprint: str, out: Path) -> None:
@@ -71,7 +66,7 @@ def run(params: Params, index_path: Path, pseudo_path: Path, weights_dir: Path, 
                             device=device, num_images=len(positions))
     for r in range(params.crf.rounds):
         imgs = [images(j) for j in range(len(positions))]
-        labels = list(track(crf_self_training_labels(model, imgs, crf_config(params), device=device),
+        labels = list(track(crf_self_training_labels(model, imgs, params.crf, device=device),
                             f"segment: CRF round {r + 1} labels", total=len(imgs)))
         model = train_segmenter(images, lambda j: labels[j], num_classes, cfg, log=live, device=device,
                                 num_images=len(positions), model=model)
