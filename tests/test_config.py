@@ -56,3 +56,19 @@ def test_cli_bad_param_exits_2_with_one_line(tmp_path):
     assert res.exit_code == 2
     assert "params key 'baseline.num_clusters': -3 is out of range" in res.output
     assert not (tmp_path / "index.h5").exists()
+
+
+def test_cli_prepare_names_a_corrupt_image_and_writes_nothing(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(photos / "a.png")
+    (photos / "b.png").write_bytes(b"not a png at all")
+    path = write(tmp_path, lambda r: r["base"].update(dataset="folder", data_root=str(photos), train_split="train", eval_split="train"))
+    out = tmp_path / "index.h5"
+    res = CliRunner().invoke(app, ["prepare", "--params", str(path), "--out", str(out)])
+    assert res.exit_code == 2, res.output
+    assert "b.png" in res.output and "cannot decode image" in res.output
+    assert not out.exists() and list(tmp_path.glob("*.tmp.h5")) == []

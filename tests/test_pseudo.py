@@ -1,0 +1,25 @@
+"""Pseudo-label bookkeeping: pasting clustered masks, segmenter targets."""
+
+import numpy as np
+
+from pipeline.pseudo import paste_cluster_masks, segmenter_classes, training_target
+
+
+def test_paste_puts_the_highest_score_on_top():
+    a = np.zeros((4, 4), bool)
+    a[:2] = True
+    b = np.zeros((4, 4), bool)
+    b[1:3] = True
+    out = paste_cluster_masks([a, b], labels=[0, 2], scores=[0.9, 0.5], hw=(4, 4))
+    assert out[0].tolist() == [1, 1, 1, 1]  # a only
+    assert out[1].tolist() == [1, 1, 1, 1]  # overlap: a (higher score) wins
+    assert out[2].tolist() == [3, 3, 3, 3]  # b only, cluster 2 -> label 3
+    assert out[3].tolist() == [0, 0, 0, 0]  # background
+
+
+def test_targets_object_and_scene_centric():
+    pseudo = np.array([[0, 1], [2, 3]], np.uint16)
+    assert training_target(pseudo, scene_centric=False).tolist() == [[0, 1], [2, 3]]
+    assert training_target(pseudo, scene_centric=True).tolist() == [[255, 0], [1, 2]]
+    assert segmenter_classes(5, scene_centric=False) == 6
+    assert segmenter_classes(5, scene_centric=True) == 5
