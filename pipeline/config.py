@@ -109,6 +109,8 @@ class MineConfig:
 @dataclass(frozen=True)
 class ClusterConfig:
     embedding: str = opt("cls_crop", choices=("cls_crop", "pooled"))
+    backbone: str = opt("", choices=("",) + BACKBONE_NAMES)
+    checkpoint: str = opt("")
     num_clusters: int = opt(0, min=0, max=10_000)
     overcluster: int = opt(1, min=1, max=100)
     kmeans_iters: int = opt(100, min=1, max=10_000)

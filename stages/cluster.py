@@ -12,11 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 
 from pipeline import runtime
-from pipeline.artifacts import Provenance, RaggedReader, open_artifact, write_artifact
+from pipeline.artifacts import Provenance, open_artifact, write_artifact
 from pipeline.clustering import cluster_masks, crop_box_for_cls, pooled_embeddings
 from pipeline.config import Params
 from pipeline.errors import ParamsError
@@ -39,11 +38,19 @@ def num_pseudo_classes(params: Params, index: ImageIndex, scene_centric: bool) -
 
 
 def cls_crop_embeddings(params: Params, index: ImageIndex, masks, device: torch.device) -> np.ndarray:
-    """CLS token of the backbone on each mask's bounding-box crop (resized to crop_size^2)."""
+    """CLS token of the backbone on each mask's bounding-box crop (resized to crop_size^2).
+
+    The backbone is `cluster.backbone` when set, else the features backbone; a CNN has no CLS
+    token, so its embedding is the global average of its last feature map.
+    """
+    from pipeline.models.backbones import create_backbone
     from stages.features import load_backbone
 
     cfg = params.cluster
-    model = load_backbone(params, device)
+    if cfg.backbone:
+        model = create_backbone(cfg.backbone, cfg.checkpoint or None).eval().to(device)
+    else:
+        model = load_backbone(params, device)
     if cfg.crop_size % model.patch_size:
         raise ParamsError(f"params key 'cluster.crop_size': {cfg.crop_size} is not a multiple of the patch size {model.patch_size}")
     pos = masks["image_index"][()]
