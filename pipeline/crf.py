@@ -56,7 +56,7 @@ def dense_crf_probs(
     crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs.astype(np.float32))))
     crf.addPairwiseGaussian(sxy=gauss_sxy, compat=gauss_compat)
     crf.addPairwiseBilateral(
-        sxy=bilateral_sxy, srgb=bilateral_srgb, rgbim=np.ascontiguousarray(image), compat=bilateral_compat
+        sxy=bilateral_sxy, srgb=bilateral_srgb, rgbim=np.require(image, dtype=np.uint8, requirements=["C", "W"]), compat=bilateral_compat
     )
     return np.asarray(crf.inference(iters), np.float32).reshape(c, h, w)
 

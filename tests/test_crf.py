@@ -61,3 +61,10 @@ def test_self_training_labels_one_map_per_image():
     maps = list(crf_self_training_labels(model, images, CRFConfig(iters=2), size=(32, 32)))
     assert [m.shape for m in maps] == [(40, 56), (32, 32)]
     assert all(m.dtype == np.uint8 and m.max() < 3 for m in maps)
+
+
+def test_crf_accepts_a_read_only_image():
+    # images decoded with np.asarray(PIL image) are read-only; pydensecrf needs a writable buffer
+    image, gt, probs = two_colour_scene()
+    image.setflags(write=False)
+    assert dense_crf(image, probs).shape == gt.shape
