@@ -19,17 +19,10 @@ from typing import Any
 import yaml
 
 from pipeline.errors import ParamsError
+from pipeline.fields import opt
 
 DATASET_NAMES = ("synthetic", "camvid", "msrc_v2", "weizmann_horse", "voc2012", "folder")
 BACKBONE_NAMES = ("dinov2_vits14", "dino_vits16", "dino_vits8", "dino_vitb8", "dino_vitb16", "mobilenet_v2", "resnet50")
-
-
-def opt(default: Any, *, choices: tuple | None = None, min: float | None = None, max: float | None = None) -> Any:
-    """A dataclass field with validation metadata."""
-    meta = {"choices": choices, "min": min, "max": max}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)

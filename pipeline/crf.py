@@ -20,7 +20,7 @@ import pydensecrf.densecrf as dcrf
 import torch
 from pydensecrf.utils import unary_from_softmax
 
-from pipeline.config import opt
+from pipeline.fields import opt
 from pipeline.segmenter import predict_segmenter_batch
 
 

@@ -34,7 +34,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from pipeline.config import opt
+from pipeline.fields import opt
 from pipeline.errors import DataError, ParamsError, UsegError
 from pipeline.models.checkpoints import load_checkpoint_into
 from pipeline.progress import track

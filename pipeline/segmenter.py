@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
-from pipeline.config import opt
+from pipeline.fields import opt
 from pipeline.errors import DataError, ParamsError, UsegError
 from pipeline.features import preprocess
 from pipeline.losses import IGNORE_INDEX, ohem_cross_entropy
