@@ -53,6 +53,7 @@ class Miner:
         self.feats = feats
         self.grid = tuple(int(v) for v in feats.attrs["grid"])
         self.heads = heads
+        self.seed = params.base.seed
         m = self.cfg
         if m.method == "attention":
             if heads is None or "keys" not in feats:
@@ -77,7 +78,7 @@ class Miner:
         if m.method == "spectral":
             tokens = self.feats["patch_tokens"][pos].astype(np.float32)
             out = []
-            for g in spectral_masks(tokens, self.grid, m.masks_per_image, min_area=m.spectral_min_area, seed=0):
+            for g in spectral_masks(tokens, self.grid, m.masks_per_image, min_area=m.spectral_min_area, seed=self.seed):
                 out.append((g, upsample_mask(g, hw), float(g.mean())))
             return out
         image = image_loader()
