@@ -39,9 +39,19 @@ def load_initial_model(path: Path, fingerprint: str):
 
 
 def diagnostic(conf: np.ndarray) -> dict:
+    """mIoU, accuracy and the precision of the pasted (non-background) pixels after matching."""
     k, c = conf.shape
     res = hungarian_match(conf) if k == c else majority_match(conf)
-    return {"miou": round(float(res.miou), 4), "pixel_accuracy": round(float(res.pixel_accuracy), 4), "matching": res.method}
+    rows = np.arange(1, k)
+    correct = sum(int(conf[r, res.mapping[r]]) for r in rows if res.mapping[r] >= 0)
+    pasted = int(conf[1:].sum())
+    return {
+        "miou": round(float(res.miou), 4),
+        "pixel_accuracy": round(float(res.pixel_accuracy), 4),
+        "pasted_pixel_precision": round(100.0 * correct / pasted, 4) if pasted else None,
+        "pasted_pixels": pasted,
+        "matching": res.method,
+    }
 
 
 def run(params: Params, index_path: Path, masks_path: Path, clusters_path: Path, model_path: Path, out: Path, metrics_dir: Path) -> None:

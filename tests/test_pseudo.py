@@ -23,3 +23,15 @@ def test_targets_object_and_scene_centric():
     assert training_target(pseudo, scene_centric=True).tolist() == [[255, 0], [1, 2]]
     assert segmenter_classes(5, scene_centric=False) == 6
     assert segmenter_classes(5, scene_centric=True) == 5
+
+
+def test_filter_diagnostic_pasted_pixel_precision():
+    from stages.filter import diagnostic
+
+    # rows: background, pseudo-class 1, pseudo-class 2; Hungarian maps them to classes 0, 1, 2
+    conf = np.array([[50, 5, 0], [10, 30, 0], [0, 5, 20]])
+    d = diagnostic(conf)
+    assert d["matching"] == "hungarian-counts"
+    assert d["pasted_pixels"] == 65
+    assert abs(d["pasted_pixel_precision"] - 100 * 50 / 65) < 1e-3
+    assert abs(d["pixel_accuracy"] - 100 * 100 / 120) < 1e-3
