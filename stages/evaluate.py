@@ -36,10 +36,20 @@ def match(conf: np.ndarray, by: str) -> MatchResult:
     raise UsegError(f"{k} clusters for {c} classes: fewer clusters than classes cannot be evaluated by matching")
 
 
-def evaluate_predictor(index: ImageIndex, reader: RaggedReader, positions: np.ndarray, k: int) -> np.ndarray:
-    """Accumulate the (K, C) confusion matrix over the split."""
+def confusion_stride(index: ImageIndex, positions: np.ndarray) -> int:
+    """Pixel stride of the sample written for DVC's confusion plot (about CONFUSION_SAMPLES pixels)."""
+    total = int(sum(int(index.heights[i]) * int(index.widths[i]) for i in positions))
+    return max(1, total // CONFUSION_SAMPLES)
+
+
+def evaluate_predictor(
+    index: ImageIndex, reader: RaggedReader, positions: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One pass over the split: the (K, C) confusion matrix and a strided (GT, cluster) pixel sample."""
     c = index.dataset.num_classes
     conf = np.zeros((k, c), dtype=np.int64)
+    stride = confusion_stride(index, positions)
+    gt_sample, pred_sample = [], []
     for j, i in enumerate(track(positions, "evaluate")):
         s = index.dataset.samples[int(i)]
         gt = index.dataset.load_mask(s)
@@ -47,20 +57,17 @@ def evaluate_predictor(index: ImageIndex, reader: RaggedReader, positions: np.nd
         if pred.shape != gt.shape:
             raise DataError(f"{s.mask}: prediction size {pred.shape} differs from mask size {gt.shape}")
         conf += confusion_matrix(pred.astype(np.int64), gt, k, c)
-    return conf
+        g, p = gt.reshape(-1)[::stride], pred.reshape(-1)[::stride].astype(np.int64)
+        keep = g != 255
+        gt_sample.append(g[keep])
+        pred_sample.append(p[keep])
+    return conf, np.concatenate(gt_sample), np.concatenate(pred_sample)
 
 
-def sampled_confusion_rows(index, reader, positions, result: MatchResult, names: list[str]) -> list[tuple[str, str]]:
-    """A deterministic pixel sample (actual, predicted class name) for DVC's confusion template."""
-    total = int(sum(index.heights[i] * index.widths[i] for i in positions))
-    stride = max(1, total // CONFUSION_SAMPLES)
-    rows = []
-    for j, i in enumerate(positions):
-        gt = index.dataset.load_mask(index.dataset.samples[int(i)]).reshape(-1)[::stride]
-        pred = result.mapping[reader[j].reshape(-1)[::stride].astype(np.int64)]
-        keep = gt != 255
-        rows += [(names[a], names[b] if b >= 0 else "unmatched") for a, b in zip(gt[keep], pred[keep])]
-    return rows
+def sampled_confusion_rows(gt: np.ndarray, pred: np.ndarray, result: MatchResult, names: list[str]) -> list[tuple[str, str]]:
+    """(actual, predicted class name) rows for DVC's confusion template, after matching."""
+    mapped = result.mapping[pred]
+    return [(names[a], names[b] if b >= 0 else "unmatched") for a, b in zip(gt, mapped)]
 
 
 def overlays(index, reader, positions, result: MatchResult, n: int, out_path: Path) -> None:
@@ -98,7 +105,7 @@ def run(params: Params, index_path: Path, predictions: dict[str, Path], out: Pat
                 g = f[method]
                 k = int(g.attrs["num_clusters"])
                 reader = RaggedReader(g, "labels")
-                conf = evaluate_predictor(index, reader, positions, k)
+                conf, gt_sample, pred_sample = evaluate_predictor(index, reader, positions, k)
                 res = match(conf, params.evaluate.matching)
                 # over-clustering is never mixed with the Hungarian numbers: its own key
                 key = method if res.method.startswith("hungarian") else f"{method}_overclustered_k{k}"
@@ -114,7 +121,7 @@ def run(params: Params, index_path: Path, predictions: dict[str, Path], out: Pat
                 with open(sub / "confusion.csv", "w", newline="") as fh:
                     wr = csv.writer(fh)
                     wr.writerow(["actual", "predicted"])
-                    wr.writerows(sampled_confusion_rows(index, reader, positions, res, names))
+                    wr.writerows(sampled_confusion_rows(gt_sample, pred_sample, res, names))
                 np.savetxt(sub / "confusion_counts.csv", conf, fmt="%d", delimiter=",")
                 viz.confusion_png(res.class_confusion, names, sub / "confusion.png")
                 overlays(index, reader, positions, res, params.evaluate.num_overlays, sub / "overlays.png")
