@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import Annotated, Callable
 
 import typer
 
