@@ -20,7 +20,7 @@ import yaml
 from pipeline.errors import ParamsError
 from pipeline.fields import opt
 
-DATASET_NAMES = ("synthetic", "camvid", "msrc_v2", "weizmann_horse", "voc2012", "folder")
+DATASET_NAMES = ("synthetic", "camvid", "msrc_v2", "weizmann_horse", "voc2012", "folder", "cocostuff27", "cityscapes27")
 BACKBONE_NAMES = ("dinov2_vits14", "dino_vits16", "dino_vits8", "dino_vitb8", "dino_vitb16", "mobilenet_v2", "resnet50")
 
 

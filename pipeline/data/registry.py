@@ -13,6 +13,8 @@ from typing import Callable
 
 from pipeline.data.base import Dataset
 from pipeline.data.camvid import load_camvid
+from pipeline.data.cityscapes import load_cityscapes27
+from pipeline.data.cocostuff import load_cocostuff27
 from pipeline.data.folder import load_folder
 from pipeline.data.msrc import load_msrc
 from pipeline.data.synthetic import load_synthetic
@@ -27,6 +29,8 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
     "weizmann_horse": load_weizmann,
     "voc2012": load_voc,
     "folder": load_folder,
+    "cocostuff27": load_cocostuff27,
+    "cityscapes27": load_cityscapes27,
 }
 
 
