@@ -6,11 +6,10 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
-import torch
 from rich.console import Console
 
 from pipeline import runtime
-from pipeline.artifacts import RaggedReader, open_artifact
+from pipeline.artifacts import RaggedReader, open_artifact, save_checkpoint
 from pipeline.config import Params
 from pipeline.index import read_index
 from pipeline.maskrcnn import train_maskrcnn
@@ -46,11 +45,7 @@ def run(params: Params, index_path: Path, masks_path: Path, clusters_path: Path,
         backbone_weights=weights_dir / "mobilenet_v2_imagenet.pt", num_classes=k, log=live, device=device,
     )
     live.end()
-    out.parent.mkdir(parents=True, exist_ok=True)
     state = {"state_dict": model.state_dict(), "num_clusters": k, "scene_centric": scene,
              "config": dataclasses.asdict(cfg), "dataset_fingerprint": index.fingerprint}
-    tmp = out.with_name(f".{out.name}.tmp")
-    with open(tmp, "wb") as fh:
-        torch.save(state, fh)
-    tmp.replace(out)
+    save_checkpoint(state, out)
     Console(stderr=True).print(f"distill: Mask R-CNN on {len(positions)} images, {k} pseudo-classes -> {out}")

@@ -14,7 +14,7 @@ import torch
 from rich.console import Console
 
 from pipeline import runtime
-from pipeline.artifacts import RaggedReader, open_artifact
+from pipeline.artifacts import RaggedReader, open_artifact, save_checkpoint
 from pipeline.config import Params
 from pipeline.crf import crf_self_training_labels
 from pipeline.errors import ArtifactError
@@ -26,18 +26,14 @@ from pipeline.tracking import DVCLiveLogger
 
 
 def save_segmenter(model: torch.nn.Module, num_classes: int, params: Params, fingerprint: str, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
     state = {"state_dict": model.state_dict(), "num_classes": num_classes,
              "config": dataclasses.asdict(params.segment), "dataset_fingerprint": fingerprint}
-    tmp = out.with_name(f".{out.name}.tmp")
-    with open(tmp, "wb") as fh:
-        torch.save(state, fh)
-    tmp.replace(out)
+    save_checkpoint(state, out)
 
 
 def load_segmenter(path: Path, fingerprint: str | None = None) -> tuple[torch.nn.Module, dict]:
     if not path.exists():
-        raise ArtifactError(f"{path}: segmenter checkpoint not found (run `useg segment`)")
+        raise ArtifactError(f"{path}: segmenter checkpoint not found (run `useg train-segmenter`)")
     state = torch.load(path, map_location="cpu", weights_only=False)
     if fingerprint is not None and state.get("dataset_fingerprint") != fingerprint:
         raise ArtifactError(f"{path}: trained on another dataset: re-run segment")
