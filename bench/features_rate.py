@@ -51,7 +51,7 @@ def main() -> None:
     n = len(read_index(args.index).dataset.samples)
     per = loop / n
     print(f"machine: {platform.node()} {os.cpu_count()} cpus, torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print(f"settings: {cfg.backbone} {cfg.input_size[0]}x{cfg.input_size[1]} batch {cfg.batch_size} {params.base.precision} on {device}")
+    print(f"settings: {cfg.backbone} {cfg.input_size[0]}x{cfg.input_size[1]} batch {cfg.batch_size} {runtime.resolve_precision(params.base, device)} on {device}")
     print(f"bare forward: {bare:.4f} s/image ({1 / bare:.2f} images/s)")
     print(f"features stage loop ({n} images: decode, resize, forward, HDF5 write): {per:.4f} s/image ({1 / per:.2f} images/s)")
     print(f"features stage total incl. start-up (model load, index): {total:.1f} s = {total / n:.4f} s/image")

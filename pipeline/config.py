@@ -29,7 +29,7 @@ class BaseConfig:
     seed: int = opt(0, min=0)
     device: str = opt("cpu", choices=("cpu", "cuda", "auto"))
     threads: int = opt(2, min=0, max=256)
-    precision: str = opt("bf16", choices=("fp32", "bf16", "fp16"))
+    precision: str = opt("auto", choices=("auto", "fp32", "bf16", "fp16"))
     dataset: str = opt("synthetic", choices=DATASET_NAMES)
     data_root: str = opt("data/synthetic")
     dataset_options: dict = opt({})
@@ -99,6 +99,24 @@ class MineConfig:
 
 
 @dataclass(frozen=True)
+class ContrastMineConfig(MineConfig):
+    """The `contrast_mine` params: MaskContrast's masks, saliency by default."""
+
+    method: str = opt("saliency", choices=("attention", "saliency", "spectral"))
+
+
+@dataclass(frozen=True)
+class ContrastEvalConfig:
+    """The `contrast_eval` params: MaskContrast's K-means, linear-probe and retrieval evaluation."""
+
+    num_clusters: int = opt(0, min=0, max=10_000)
+    kmeans_seeds: int = opt(5, min=1, max=100)
+    kmeans_iters: int = opt(100, min=1, max=10_000)
+    pca_dim: int = opt(32, min=1, max=4096)
+    saliency_threshold: float = opt(0.5, min=0.0, max=1.0)
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     embedding: str = opt("cls_crop", choices=("cls_crop", "pooled"))
     backbone: str = opt("", choices=("",) + BACKBONE_NAMES)
@@ -134,6 +152,9 @@ class Params:
     filter: FilterConfig = field(default_factory=FilterConfig)
     segment: "SegmentConfig" = field(default_factory=lambda: SegmentConfig())
     crf: "CRFSection" = field(default_factory=lambda: CRFSection())
+    contrast_mine: ContrastMineConfig = field(default_factory=ContrastMineConfig)
+    contrast: "ContrastConfig" = field(default_factory=lambda: ContrastConfig())
+    contrast_eval: ContrastEvalConfig = field(default_factory=ContrastEvalConfig)
 
     def section_json(self, name: str) -> str:
         """Canonical JSON of `base` plus one section, for artifact provenance."""
@@ -248,6 +269,7 @@ def section_dict(obj: Any) -> dict:
 from pipeline.maskrcnn import DistillConfig  # noqa: E402
 from pipeline.segmenter import SegmentConfig  # noqa: E402
 from pipeline.crf import CRFConfig  # noqa: E402
+from pipeline.maskcontrast import ContrastConfig  # noqa: E402
 
 
 @dataclass(frozen=True)

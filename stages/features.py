@@ -49,6 +49,7 @@ def run(params: Params, index_path: Path, out: Path) -> float:
         f.attrs["grid"] = np.asarray(layout.grid, dtype=np.int64)
         f.attrs["input_size"] = np.asarray(cfg.input_size, dtype=np.int64)
         f.attrs["patch_size"] = int(model.patch_size)
+        f.attrs["precision"] = runtime.resolve_precision(params.base, device)
         string_dataset(f, "ids", [s.id for s in samples])
         dsets = create_feature_datasets(f, len(samples), layout, cfg.store_keys)
         batches = iter_batches(index.dataset, samples, cfg.input_size, cfg.batch_size)
@@ -68,6 +69,6 @@ def run(params: Params, index_path: Path, out: Path) -> float:
     dt = time.perf_counter() - t0
     Console(stderr=True).print(
         f"features: {len(samples)} images, {cfg.backbone} at {cfg.input_size[0]}x{cfg.input_size[1]} "
-        f"(grid {layout.grid[0]}x{layout.grid[1]}), {params.base.precision}: {dt:.1f} s, {dt / len(samples):.3f} s/image"
+        f"(grid {layout.grid[0]}x{layout.grid[1]}), {runtime.resolve_precision(params.base, device)}: {dt:.1f} s, {dt / len(samples):.3f} s/image"
     )
     return dt

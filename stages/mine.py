@@ -48,8 +48,8 @@ def grid_mask_from_pixels(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray
 class Miner:
     """Yields (grid mask, full mask, score) per proposal for one image."""
 
-    def __init__(self, params: Params, feats, heads: int | None, weights_dir: Path):
-        self.cfg = params.mine
+    def __init__(self, params: Params, feats, heads: int | None, weights_dir: Path, section: str = "mine"):
+        self.cfg = getattr(params, section)
         self.feats = feats
         self.grid = tuple(int(v) for v in feats.attrs["grid"])
         self.heads = heads
@@ -57,9 +57,9 @@ class Miner:
         m = self.cfg
         if m.method == "attention":
             if heads is None or "keys" not in feats:
-                raise ParamsError("params key 'mine.method': attention needs a ViT backbone with features.store_keys: true")
+                raise ParamsError(f"params key '{section}.method': attention needs a ViT backbone with features.store_keys: true")
             if m.num_heads_avg > heads:
-                raise ParamsError(f"params key 'mine.num_heads_avg': {m.num_heads_avg} > the backbone's {heads} heads")
+                raise ParamsError(f"params key '{section}.num_heads_avg': {m.num_heads_avg} > the backbone's {heads} heads")
             self.att_cfg = AttentionMiningConfig(num_heads_avg=m.num_heads_avg, attn_mass=m.attn_mass, topk=m.topk, center_keys=m.center_keys)
         self.focus = None
         if m.method == "saliency" and m.saliency_source == "focus":
@@ -89,26 +89,28 @@ class Miner:
         return [(grid_mask_from_pixels(full, self.grid), full, mask_score(full, sal))]
 
 
-def run(params: Params, index_path: Path, features_path: Path, weights_dir: Path, out: Path) -> None:
+def run(params: Params, index_path: Path, features_path: Path, weights_dir: Path, out: Path, section: str = "mine") -> None:
+    """Mine the train split with the mining params of `section` (`mine`, or `contrast_mine` for MaskContrast)."""
     runtime.setup(params.base)
     index = read_index(index_path)
     train = index.positions(params.base.train_split)
     feats = open_artifact(features_path, "useg.features", index.fingerprint)
     heads = int(feats["cls_attn"].shape[1]) if "cls_attn" in feats else None
-    miner = Miner(params, feats, heads, weights_dir)
+    miner = Miner(params, feats, heads, weights_dir, section)
+    method = miner.cfg.method
     grid = miner.grid
     prov = Provenance(
-        "mine", params.section_json("mine"), index.fingerprint,
+        section, params.section_json(section), index.fingerprint,
         {"index": str(index_path), "features": str(features_path)},
     )
     image_pos, scores, boxes, grids, dropped = [], [], [], [], []
     with write_artifact(out, SCHEMA, prov) as f, threadpool_limits(max(1, params.base.threads)):
-        f.attrs["method"] = params.mine.method
+        f.attrs["method"] = method
         f.attrs["grid"] = np.asarray(grid, dtype=np.int64)
         f.attrs["split"] = params.base.train_split
-        f.attrs["scene_centric"] = params.mine.method == "spectral"
+        f.attrs["scene_centric"] = method == "spectral"
         w = RaggedWriter(f, "masks", np.uint8, 2)
-        for pos in track(train, f"mine ({params.mine.method})"):
+        for pos in track(train, f"mine ({method})"):
             pos = int(pos)
             s = index.dataset.samples[pos]
             hw = (int(index.heights[pos]), int(index.widths[pos]))
