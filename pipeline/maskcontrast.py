@@ -41,7 +41,7 @@ from pipeline.errors import DataError, ParamsError, UsegError
 from pipeline.features import IMAGENET_MEAN, IMAGENET_STD, preprocess
 from pipeline.fields import opt
 from pipeline.progress import track
-from pipeline.segmenter import DeepLabV3, build_deeplab, poly_lr
+from pipeline.segmenter import ATROUS_RATES, DeepLabV3, build_deeplab, poly_lr
 
 EMBED_DIM = 32
 
@@ -66,6 +66,7 @@ class ContrastConfig:
     min_salient: float = opt(0.01, min=0.0, max=1.0)
     max_salient: float = opt(0.99, min=0.0, max=1.0)
     output_stride: int = opt(16, choices=(8, 16))
+    backbone: str = opt("mobilenet_v2", choices=("mobilenet_v2", "features"))
     seed: int = opt(0, min=0)
 
     def __post_init__(self) -> None:
@@ -76,6 +77,27 @@ class ContrastConfig:
             )
         if not self.min_salient < self.max_salient:
             raise ParamsError("params key 'contrast.min_salient': must be below contrast.max_salient")
+
+
+class FrozenViTTrunk(nn.Module):
+    """A frozen ViT whose last-layer patch tokens, as a (B, D, h, w) map, feed the ASPP head."""
+
+    def __init__(self, vit: nn.Module) -> None:
+        super().__init__()
+        self.vit = vit
+        for p in self.vit.parameters():
+            p.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> FrozenViTTrunk:
+        super().train(mode)
+        self.vit.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            out = self.vit(x)
+        h, w = out.grid
+        return out.patch_tokens.transpose(1, 2).reshape(x.shape[0], -1, h, w)
 
 
 class ContrastModel(nn.Module):
@@ -96,9 +118,21 @@ class ContrastModel(nn.Module):
         return out[:, :EMBED_DIM], out[:, EMBED_DIM]
 
 
-def build_contrast_model(backbone_weights: Path | None, output_stride: int = 16) -> ContrastModel:
-    """MaskContrast's model on a MobileNetV2 trunk (ImageNet weights, or random with None)."""
-    return ContrastModel(build_deeplab(EMBED_DIM + 1, backbone_weights, output_stride))
+def build_contrast_model(
+    backbone_weights: Path | None, output_stride: int = 16, vit: nn.Module | None = None
+) -> ContrastModel:
+    """MaskContrast's model.
+
+    Args:
+        backbone_weights: MobileNetV2 ImageNet state dict for the default trunk, or None (random).
+        output_stride: 16 or 8 (MobileNetV2 trunk only).
+        vit: A `pipeline.models.backbones` ViT: when given, its frozen patch tokens are the
+            trunk (`contrast.backbone: features`) and only the ASPP head trains.
+    """
+    if vit is None:
+        return ContrastModel(build_deeplab(EMBED_DIM + 1, backbone_weights, output_stride))
+    head_rates = ATROUS_RATES[16]  # a ViT-S/14 grid is close to stride 16
+    return ContrastModel(DeepLabV3(FrozenViTTrunk(vit), vit.embed_dim, EMBED_DIM + 1, head_rates))
 
 
 # ----------------------------------------------------------------------------------- losses
@@ -252,6 +286,7 @@ def train_maskcontrast(
     progress: bool = True,
     log: Callable[[dict], None] | None = None,
     device: torch.device | str = "cpu",
+    vit: nn.Module | None = None,
 ) -> ContrastModel:
     """Train MaskContrast on images with one saliency mask each.
 
@@ -263,6 +298,7 @@ def train_maskcontrast(
         progress: Show a progress bar over iterations.
         log: Called once per epoch with {"epoch", "loss", "contrastive", "saliency", "lr", "redrawn"}.
         device: Where to train.
+        vit: Frozen ViT trunk instead of MobileNetV2 (see `build_contrast_model`).
 
     Returns:
         The query model, in eval mode.
@@ -275,14 +311,15 @@ def train_maskcontrast(
         raise DataError(f"contrast: at least 2 training images with a saliency mask are needed, got {num_images}")
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    model = build_contrast_model(backbone_weights, cfg.output_stride).to(device).train()
+    model = build_contrast_model(backbone_weights, cfg.output_stride, vit).to(device).train()
     key_model = None
     if cfg.momentum_encoder:
         key_model = copy.deepcopy(model)
         for p in key_model.parameters():
             p.requires_grad_(False)
     queue = PrototypeQueue(cfg.queue_size, EMBED_DIM, gen)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sampler = ViewSampler(cfg)
     batch_size = min(cfg.batch_size, num_images)
     per_epoch = num_images // batch_size

@@ -17,9 +17,10 @@ from rich.console import Console
 from pipeline import runtime
 from pipeline.artifacts import RaggedReader, open_artifact, save_checkpoint
 from pipeline.config import Params
-from pipeline.errors import ArtifactError, DataError
+from pipeline.errors import ArtifactError, DataError, ParamsError
 from pipeline.index import read_index
 from pipeline.maskcontrast import ContrastModel, build_contrast_model, train_maskcontrast
+from pipeline.models.backbones import create_backbone
 from pipeline.tracking import DVCLiveLogger
 
 
@@ -40,9 +41,23 @@ def load_saliency_masks(index, masks_path: Path) -> tuple[np.ndarray, list[np.nd
     return positions, [merged[p] for p in positions.tolist()]
 
 
-def save_contrast(model: ContrastModel, cfg, fingerprint: str, out: Path) -> None:
-    save_checkpoint({"state_dict": model.state_dict(), "config": dataclasses.asdict(cfg),
+def save_contrast(model: ContrastModel, cfg, fingerprint: str, out: Path, vit_name: str | None = None) -> None:
+    save_checkpoint({"state_dict": model.state_dict(), "config": dataclasses.asdict(cfg), "vit": vit_name,
                      "dataset_fingerprint": fingerprint}, out)
+
+
+def contrast_vit(params: Params):
+    """The frozen ViT trunk of `contrast.backbone: features` (the features stage's backbone), or None."""
+    if params.contrast.backbone != "features":
+        return None
+    f = params.features
+    vit = create_backbone(f.backbone, f.checkpoint or None)
+    if vit.num_heads is None:
+        raise ParamsError(f"params key 'contrast.backbone': features needs a ViT features.backbone, not {f.backbone!r}")
+    if params.contrast.crop_size % vit.patch_size:
+        raise ParamsError(f"params key 'contrast.crop_size': {params.contrast.crop_size} is not a multiple of "
+                          f"the ViT patch size {vit.patch_size}")
+    return vit
 
 
 def load_contrast(path: Path, fingerprint: str | None = None) -> tuple[ContrastModel, dict]:
@@ -51,7 +66,8 @@ def load_contrast(path: Path, fingerprint: str | None = None) -> tuple[ContrastM
     state = torch.load(path, map_location="cpu", weights_only=False)
     if fingerprint is not None and state.get("dataset_fingerprint") != fingerprint:
         raise ArtifactError(f"{path}: trained on another dataset: re-run contrast")
-    model = build_contrast_model(None, output_stride=int(state["config"]["output_stride"]))
+    vit = create_backbone(state["vit"]) if state.get("vit") else None
+    model = build_contrast_model(None, output_stride=int(state["config"]["output_stride"]), vit=vit)
     model.load_state_dict(state["state_dict"])
     return model.eval(), state
 
@@ -68,12 +84,13 @@ def run(params: Params, index_path: Path, masks_path: Path, weights_dir: Path, o
     def load(j: int) -> tuple[np.ndarray, np.ndarray]:
         return ds.load_image(ds.samples[int(positions[j])]), masks[j]
 
+    vit = contrast_vit(params)
     live = DVCLiveLogger("results/contrast")
     model = train_maskcontrast(load, len(positions), cfg, backbone_weights=weights_dir / "mobilenet_v2_imagenet.pt",
-                               log=live, device=device)
+                               log=live, device=device, vit=vit)
     live.end()
-    save_contrast(model, cfg, index.fingerprint, out)
+    save_contrast(model, cfg, index.fingerprint, out, params.features.backbone if vit is not None else None)
     Console(stderr=True).print(
-        f"contrast: MaskContrast (DeepLabv3-MobileNetV2) on {len(positions)} images with a saliency mask, "
+        f"contrast: MaskContrast (DeepLabv3 on {params.features.backbone if vit is not None else 'MobileNetV2'}) on {len(positions)} images with a saliency mask, "
         f"{cfg.epochs} epochs -> {out}"
     )

@@ -183,3 +183,18 @@ def test_model_outputs():
     model = build_contrast_model(None)
     low, sal = model.forward_lowres(torch.zeros(2, 3, 64, 64))
     assert low.shape == (2, 32, 4, 4) and sal.shape == (2, 4, 4)
+
+
+def test_frozen_vit_trunk_trains_only_the_head():
+    from pipeline.models.backbones import create_backbone
+
+    torch.manual_seed(0)
+    vit = create_backbone("dinov2_vits14")
+    before = {k: v.clone() for k, v in vit.state_dict().items()}
+    data = _toy_data(4)
+    cfg = ContrastConfig(epochs=1, batch_size=2, queue_size=4, crop_size=28, backbone="features")
+    model = train_maskcontrast(lambda j: data[j], len(data), cfg, progress=False, vit=vit)
+    trunk = model.deeplab.backbone.vit.state_dict()
+    assert all(torch.equal(before[k], trunk[k]) for k in before)
+    emb, sal = model(torch.zeros(1, 3, 42, 56))
+    assert emb.shape == (1, 32, 42, 56) and sal.shape == (1, 42, 56)
