@@ -33,6 +33,8 @@ SCHEMAS: dict[str, int] = {
     "useg.masks": 1,
     "useg.clusters": 1,
     "useg.pseudolabels": 1,
+    "useg.concepts": 1,
+    "useg.cams": 1,
 }
 
 _CHUNK_BYTES = 256 * 1024

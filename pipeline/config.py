@@ -155,6 +155,7 @@ class Params:
     contrast_mine: ContrastMineConfig = field(default_factory=ContrastMineConfig)
     contrast: "ContrastConfig" = field(default_factory=lambda: ContrastConfig())
     contrast_eval: ContrastEvalConfig = field(default_factory=ContrastEvalConfig)
+    transfgu: "TransFGUConfig" = field(default_factory=lambda: TransFGUConfig())
 
     def section_json(self, name: str) -> str:
         """Canonical JSON of `base` plus one section, for artifact provenance."""
@@ -270,6 +271,7 @@ from pipeline.maskrcnn import DistillConfig  # noqa: E402
 from pipeline.segmenter import SegmentConfig  # noqa: E402
 from pipeline.crf import CRFConfig  # noqa: E402
 from pipeline.maskcontrast import ContrastConfig  # noqa: E402
+from pipeline.transfgu import TransFGUConfig  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -292,6 +292,78 @@ def contrast_eval(
     stage.run(_params(params), index, model, out, metrics)
 
 
+ConceptsOpt = Annotated[Path, typer.Option("--concepts", help="concepts.h5 written by `useg concepts`.")]
+CamsOpt = Annotated[Path, typer.Option("--cams", help="cams.h5 written by `useg cams`.")]
+
+
+@app.command()
+@user_errors
+def concepts(
+    index: IndexOpt = Path("artifacts/index.h5"),
+    out: Annotated[Path, typer.Option(help="concepts.h5 to write.")] = Path("artifacts/transfgu/concepts.h5"),
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """TransFGU concept discovery: CLS tokens of the foreground (and background) window crops, K-means (`transfgu` params).
+
+    Reads the index, the train images and the ViT of `features`; writes OUT (schema useg.concepts).
+    """
+    from stages import transfgu as stage
+
+    stage.run_concepts(_params(params), index, out)
+
+
+@app.command()
+@user_errors
+def cams(
+    index: IndexOpt = Path("artifacts/index.h5"),
+    concepts: ConceptsOpt = Path("artifacts/transfgu/concepts.h5"),
+    out: Annotated[Path, typer.Option(help="cams.h5 to write.")] = Path("artifacts/transfgu/cams.h5"),
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """TransFGU pseudo-labels: each concept's gradient CAM on each train image (`transfgu` params).
+
+    Reads the index, concepts.h5 and the ViT of `features`; writes OUT (schema useg.cams, float16 token-grid maps).
+    """
+    from stages import transfgu as stage
+
+    stage.run_cams(_params(params), index, concepts, out)
+
+
+@app.command()
+@user_errors
+def transfgu(
+    index: IndexOpt = Path("artifacts/index.h5"),
+    cams: CamsOpt = Path("artifacts/transfgu/cams.h5"),
+    out: Annotated[Path, typer.Option(help="Decoder checkpoint to write.")] = Path("models/transfgu.pt"),
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Train TransFGU's mask-transformer decoder on the CAM pseudo-labels, with bootstrapping (`transfgu` params).
+
+    Reads the index, cams.h5 and the ViT of `features`; writes OUT and curves to results/transfgu.
+    """
+    from stages import transfgu as stage
+
+    stage.run_train(_params(params), index, cams, out)
+
+
+@app.command(name="transfgu-predict")
+@user_errors
+def transfgu_predict(
+    index: IndexOpt = Path("artifacts/index.h5"),
+    features: FeaturesOpt = Path("artifacts/features.h5"),
+    model: Annotated[Path, typer.Option(help="Decoder from `useg transfgu`.")] = Path("models/transfgu.pt"),
+    out: Annotated[Path, typer.Option(help="Predictions artifact to write.")] = Path("artifacts/predictions/transfgu.h5"),
+    params: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Label the eval split with the TransFGU decoder on its patch tokens, upsampled to the original size.
+
+    Reads the index, features.h5 and the decoder; writes OUT (schema useg.predictions).
+    """
+    from stages import transfgu as stage
+
+    stage.run_predict(_params(params), index, features, model, out)
+
+
 @app.command()
 @user_errors
 def predict(

@@ -44,6 +44,7 @@ def tiny_params(repo: Path) -> None:
     p["evaluate"].update(num_overlays=2)
     p["contrast"].update(epochs=1, crop_size=64, batch_size=4, queue_size=8)
     p["contrast_eval"].update(kmeans_seeds=2)
+    p["transfgu"].update(concept_images=8, crop_size=56, train_size=56, epochs=2, batch_size=4, bootstrap_start=1)
     (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
 
 
@@ -68,7 +69,8 @@ def test_dvc_repro_end_to_end(tmp_path):
 
     out = sh(dvc + ["repro"], repo)
     assert {"synth", "prepare", "weights", "features", "baseline", "probe", "mine", "cluster", "distill", "filter",
-            "segment", "predict", "contrast_mine", "contrast", "contrast_eval", "evaluate"} <= ran(out)
+            "segment", "predict", "contrast_mine", "contrast", "contrast_eval", "concepts", "cams", "transfgu", "transfgu_predict",
+            "evaluate"} <= ran(out)
     metrics = json.loads((repo / "results/evaluate/metrics.json").read_text())
     assert 0.0 <= metrics["baseline"]["patch_kmeans"]["miou"] <= 100.0
     assert metrics["baseline"]["patch_kmeans"]["matching"] == "hungarian-counts"
@@ -78,6 +80,7 @@ def test_dvc_repro_end_to_end(tmp_path):
     contrast = json.loads((repo / "results/contrast_eval/metrics.json").read_text())["maskcontrast"]
     assert len(contrast["kmeans"]["miou_per_seed"]) == 2 and contrast["kmeans"]["matching"] == "iou"
     assert {"linear_probe", "retrieval"} <= set(contrast)
+    assert 0.0 <= metrics["transfgu"]["transfgu"]["miou"] <= 100.0
     diag = json.loads((repo / "results/filter/metrics.json").read_text())["diagnostic_train_gt"]
     assert set(diag) == {"before_filter", "after_filter"}
     probe = json.loads((repo / "results/probe/metrics.json").read_text())
