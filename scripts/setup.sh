@@ -16,3 +16,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -c "import torch, torchvision, h5py, faiss, dvc, typer" 
   touch "$stamp"
 fi
+# headless Chromium for the report rendering test (tests/test_report.py); Debian/Ubuntu as root only
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
+    || echo "setup.sh: could not install chromium with apt-get (tests/test_report.py needs it)" >&2
+fi
