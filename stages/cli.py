@@ -410,8 +410,8 @@ def evaluate(
 def segment(
     images: Annotated[list[Path], typer.Argument(help="Image files, or folders of .jpg .jpeg .png .bmp .tif .tiff .webp files.", show_default=False)],
     out: Annotated[Path, typer.Option(help="Folder for <name>.png label maps and <name>_overlay.png overlays (created; same names replaced).")],
-    model: Annotated[Path | None, typer.Option(help="Checkpoint (default: the method's, models/segmenter.pt from `useg train-segmenter`).", show_default=False)] = None,
-    method: Annotated[str, typer.Option(help="Segmenter type: maskdistill.")] = "maskdistill",
+    model: Annotated[Path | None, typer.Option(help="Checkpoint (default: the method's: models/segmenter.pt for maskdistill, models/transfgu.pt for transfgu).", show_default=False)] = None,
+    method: Annotated[str, typer.Option(help="Segmenter type: maskdistill (DeepLabv3 from train-segmenter) or transfgu (ViT + TransFGU decoder).")] = "maskdistill",
     recursive: Annotated[bool, typer.Option("--recursive", help="Also take the images in subfolders of folder arguments.")] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass (consecutive images of one input size).")] = 8,
     size: Annotated[tuple[int, int] | None, typer.Option(metavar="H W", help="Resize every image to H x W for the network (default: each at its own size; labels are always at the original size).", show_default=False)] = None,

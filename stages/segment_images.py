@@ -63,8 +63,20 @@ def _load_maskdistill(path: Path) -> tuple[torch.nn.Module, dict]:
         raise UsegError(f"{path}: not a segmenter checkpoint of `useg train-segmenter` ({e!r:.200})") from None
 
 
+def _load_transfgu(path: Path) -> tuple[torch.nn.Module, dict]:
+    from stages.transfgu import load_transfgu_segmenter
+
+    try:
+        return load_transfgu_segmenter(path)
+    except (RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as e:
+        raise UsegError(f"{path}: not a decoder checkpoint of `useg transfgu` ({e!r:.200})") from None
+
+
+# MaskContrast is not here: its segmentation is K-means over the eval split's prototypes
+# (`contrast_eval`), not a network that labels one image on its own.
 METHODS: dict[str, Method] = {
     "maskdistill": Method(Path("models/segmenter.pt"), _load_maskdistill),
+    "transfgu": Method(Path("models/transfgu.pt"), _load_transfgu),
 }
 
 
@@ -312,8 +324,7 @@ def run(
         raise UsegError("--size, --max-side and --batch-size must be positive")
     model_path = model_path if model_path is not None else METHODS[method].checkpoint
     if not model_path.is_file():
-        raise UsegError(f"{model_path}: {method} checkpoint not found (train it with `useg train-segmenter`, "
-                        f"or pass --model)")
+        raise UsegError(f"{model_path}: {method} checkpoint not found (train it with `dvc repro`, or pass --model)")
     if out.exists() and not out.is_dir():
         raise UsegError(f"--out {out}: exists and is not a folder")
     paths = collect_images(inputs, recursive, exclude=out)

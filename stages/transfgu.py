@@ -162,6 +162,7 @@ def run_train(params: Params, index_path: Path, cams_path: Path, out: Path) -> N
     live.end()
     save_checkpoint({"state_dict": decoder.state_dict(), "config": dataclasses.asdict(cfg), "in_dim": vit.embed_dim,
                      "num_classes": decoder.num_classes, "scene_centric": scene,
+                     "backbone": params.features.backbone, "backbone_checkpoint": params.features.checkpoint,
                      "dataset_fingerprint": index.fingerprint}, out)
     Console(stderr=True).print(f"transfgu: decoder on {len(positions)} images, {decoder.num_classes} classes -> {out}")
 
@@ -177,6 +178,38 @@ def load_decoder(path: Path, fingerprint: str) -> tuple[MaskTransformerDecoder, 
                                      c["decoder_depth"], c["decoder_heads"], c["dropout"])
     decoder.load_state_dict(state["state_dict"])
     return decoder.eval(), state
+
+
+class TransFGUSegmenter(torch.nn.Module):
+    """ViT + decoder as one segmenter: ImageNet-normalised (B, 3, H, W) -> (B, K, H, W) logits.
+
+    The input is resized to the nearest multiple of the patch size for the ViT; the decoder's
+    logits are upsampled bilinearly back to (H, W).
+    """
+
+    def __init__(self, vit: torch.nn.Module, decoder: MaskTransformerDecoder) -> None:
+        super().__init__()
+        self.vit = vit
+        self.decoder = decoder
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        p = self.vit.patch_size
+        hw = (max(p, round(h / p) * p), max(p, round(w / p) * p))
+        xi = torch.nn.functional.interpolate(x, size=hw, mode="bilinear", align_corners=False) if hw != (h, w) else x
+        out = self.vit(xi)
+        logits, _ = self.decoder(out.patch_tokens.float(), out.grid)
+        return upsample(logits.float(), (h, w))
+
+
+def load_transfgu_segmenter(path: Path) -> tuple[TransFGUSegmenter, dict]:
+    """The decoder of `path` on the ViT it was trained with (for `useg segment --method transfgu`)."""
+    from pipeline.models.backbones import create_backbone
+
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    decoder, _ = load_decoder(path, state.get("dataset_fingerprint"))
+    vit = create_backbone(state["backbone"], state.get("backbone_checkpoint") or None)
+    return TransFGUSegmenter(vit, decoder).eval(), state
 
 
 def run_predict(params: Params, index_path: Path, features_path: Path, model_path: Path, out: Path) -> None:

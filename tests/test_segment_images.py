@@ -158,3 +158,19 @@ def test_segment_corrupt_model_exits_2(photos, tmp_path):
     res = segment(photos, "--model", bad, "--out", tmp_path / "out")
     assert res.exit_code == 2, res.output
     assert "not a segmenter checkpoint" in res.output and not (tmp_path / "out").exists()
+
+
+def test_transfgu_decoder_segments_images(tmp_path):
+    """`--method transfgu`: the decoder on its ViT labels images of any size."""
+    from pipeline.transfgu import MaskTransformerDecoder
+    from stages.transfgu import load_transfgu_segmenter
+
+    torch.manual_seed(0)
+    decoder = MaskTransformerDecoder(384, 3, 384, 1, 6, 0.0)
+    ckpt = tmp_path / "transfgu.pt"
+    torch.save({"state_dict": decoder.state_dict(), "in_dim": 384, "num_classes": 3, "dataset_fingerprint": "x",
+                "config": {"d_model": 384, "decoder_depth": 1, "decoder_heads": 6, "dropout": 0.0},
+                "backbone": "dinov2_vits14", "backbone_checkpoint": ""}, ckpt)
+    model, state = load_transfgu_segmenter(ckpt)
+    logits = model(torch.zeros(1, 3, 40, 50))
+    assert logits.shape == (1, 3, 40, 50) and state["num_classes"] == 3
