@@ -274,3 +274,26 @@ def save_checkpoint(state: dict, out: str | Path) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def load_checkpoint(path: str | Path, fingerprint: str | None, what: str, stage: str) -> dict:
+    """Load a checkpoint written by `save_checkpoint`.
+
+    Args:
+        path: The checkpoint.
+        fingerprint: Expected dataset fingerprint; None skips the check.
+        what: What it is, for messages ("segmenter").
+        stage: The `useg` command that writes it, for messages.
+
+    Raises:
+        ArtifactError: Missing file, or trained on another dataset.
+    """
+    import torch
+
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"{path}: {what} checkpoint not found (run `useg {stage}`)")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if fingerprint is not None and state.get("dataset_fingerprint") != fingerprint:
+        raise ArtifactError(f"{path}: trained on another dataset: re-run `useg {stage}`")
+    return state

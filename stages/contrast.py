@@ -15,7 +15,7 @@ import torch
 from rich.console import Console
 
 from pipeline import runtime
-from pipeline.artifacts import RaggedReader, open_artifact, save_checkpoint
+from pipeline.artifacts import RaggedReader, load_checkpoint, open_artifact, save_checkpoint
 from pipeline.config import Params
 from pipeline.errors import ArtifactError, DataError, ParamsError
 from pipeline.index import read_index
@@ -61,11 +61,7 @@ def contrast_vit(params: Params):
 
 
 def load_contrast(path: Path, fingerprint: str | None = None) -> tuple[ContrastModel, dict]:
-    if not path.exists():
-        raise ArtifactError(f"{path}: MaskContrast checkpoint not found (run `useg contrast`)")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if fingerprint is not None and state.get("dataset_fingerprint") != fingerprint:
-        raise ArtifactError(f"{path}: trained on another dataset: re-run contrast")
+    state = load_checkpoint(path, fingerprint, "MaskContrast", "contrast")
     vit = create_backbone(state["vit"]) if state.get("vit") else None
     model = build_contrast_model(None, output_stride=int(state["config"]["output_stride"]), vit=vit)
     model.load_state_dict(state["state_dict"])

@@ -14,10 +14,9 @@ import torch
 from rich.console import Console
 
 from pipeline import runtime
-from pipeline.artifacts import RaggedReader, open_artifact, save_checkpoint
+from pipeline.artifacts import RaggedReader, load_checkpoint, open_artifact, save_checkpoint
 from pipeline.config import Params
 from pipeline.crf import crf_self_training_labels
-from pipeline.errors import ArtifactError
 from pipeline.index import read_index
 from pipeline.progress import track
 from pipeline.pseudo import segmenter_classes, training_target
@@ -32,11 +31,7 @@ def save_segmenter(model: torch.nn.Module, num_classes: int, params: Params, fin
 
 
 def load_segmenter(path: Path, fingerprint: str | None = None) -> tuple[torch.nn.Module, dict]:
-    if not path.exists():
-        raise ArtifactError(f"{path}: segmenter checkpoint not found (run `useg train-segmenter`)")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if fingerprint is not None and state.get("dataset_fingerprint") != fingerprint:
-        raise ArtifactError(f"{path}: trained on another dataset: re-run segment")
+    state = load_checkpoint(path, fingerprint, "segmenter", "train-segmenter")
     model = build_deeplab(int(state["num_classes"]), None, output_stride=int(state["config"]["output_stride"]))
     model.load_state_dict(state["state_dict"])
     return model.eval(), state

@@ -24,6 +24,7 @@ from pipeline.artifacts import (
     Provenance,
     RaggedWriter,
     create_dataset,
+    load_checkpoint,
     open_artifact,
     save_checkpoint,
     string_dataset,
@@ -167,12 +168,8 @@ def run_train(params: Params, index_path: Path, cams_path: Path, out: Path) -> N
     Console(stderr=True).print(f"transfgu: decoder on {len(positions)} images, {decoder.num_classes} classes -> {out}")
 
 
-def load_decoder(path: Path, fingerprint: str) -> tuple[MaskTransformerDecoder, dict]:
-    if not path.exists():
-        raise ArtifactError(f"{path}: TransFGU checkpoint not found (run `useg transfgu`)")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state.get("dataset_fingerprint") != fingerprint:
-        raise ArtifactError(f"{path}: trained on another dataset: re-run transfgu")
+def load_decoder(path: Path, fingerprint: str | None) -> tuple[MaskTransformerDecoder, dict]:
+    state = load_checkpoint(path, fingerprint, "TransFGU", "transfgu")
     c = state["config"]
     decoder = MaskTransformerDecoder(int(state["in_dim"]), int(state["num_classes"]), c["d_model"],
                                      c["decoder_depth"], c["decoder_heads"], c["dropout"])
@@ -206,8 +203,7 @@ def load_transfgu_segmenter(path: Path) -> tuple[TransFGUSegmenter, dict]:
     """The decoder of `path` on the ViT it was trained with (for `useg segment --method transfgu`)."""
     from pipeline.models.backbones import create_backbone
 
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    decoder, _ = load_decoder(path, state.get("dataset_fingerprint"))
+    decoder, state = load_decoder(path, None)
     vit = create_backbone(state["backbone"], state.get("backbone_checkpoint") or None)
     return TransFGUSegmenter(vit, decoder).eval(), state
 
