@@ -74,6 +74,7 @@ class TransFGUConfig:
     scene_centric: bool = opt(False)
     crop_size: int = opt(224, min=8, max=4096)
     concept_images: int = opt(0, min=0, max=100_000_000)
+    input_size: list = opt([])
     num_things: int = opt(0, min=0, max=10_000)
     num_stuff: int = opt(0, min=0, max=10_000)
     kmeans_iters: int = opt(100, min=1, max=100_000)
@@ -126,6 +127,9 @@ class TransFGUConfig:
             )
         if self.alpha_start > self.alpha_end:
             raise ParamsError("params key 'transfgu.alpha_start': must not exceed transfgu.alpha_end")
+        size = self.input_size
+        if size and (len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 8 for v in size)):
+            raise ParamsError(f"params key 'transfgu.input_size': expected [] or [height, width] integers >= 8, got {size!r}")
         if self.cam_mass <= 0:
             raise ParamsError("params key 'transfgu.cam_mass': must be in (0, 1]")
 

@@ -2,7 +2,7 @@
 
 - concepts: thing (and, scene-centric, stuff) window crops of every train image, their CLS
   tokens, K-means into concepts -> concepts.h5 (schema useg.concepts).
-- cams: every concept's gradient CAM on every train image at `features.input_size` ->
+- cams: every concept's gradient CAM on every train image at `transfgu.input_size` (default: `features.input_size`) ->
   cams.h5 (schema useg.cams), float16 maps on the token grid.
 - transfgu: the mask-transformer decoder on the frozen backbone, trained on the CAM
   pseudo-labels with bootstrapping -> models/transfgu.pt, curves in results/transfgu.
@@ -55,6 +55,14 @@ def _vit(params: Params, device: torch.device):
     return model
 
 
+def input_size(params: Params, patch: int) -> tuple[int, int]:
+    """The image size of concept discovery and CAMs: `transfgu.input_size`, else `features.input_size`."""
+    size = tuple(params.transfgu.input_size or params.features.input_size)
+    if size[0] % patch or size[1] % patch:
+        raise ParamsError(f"params key 'transfgu.input_size': {list(size)} is not a multiple of the patch size {patch}")
+    return size
+
+
 def concept_counts(params: Params, num_classes: int) -> tuple[int, int]:
     """(things, stuff) concept counts: from params, or C - 1 things (object-centric)."""
     cfg = params.transfgu
@@ -81,7 +89,7 @@ def run_concepts(params: Params, index_path: Path, out: Path) -> None:
     if 0 < cfg.concept_images < len(train):
         rng = np.random.default_rng(params.base.seed)
         train = np.sort(rng.choice(train, cfg.concept_images, replace=False))
-    size = tuple(params.features.input_size)
+    size = input_size(params, vit.patch_size)
     things, stuff = [], []
     with torch.inference_mode(), runtime.autocast(params.base, device):
         for pos in track(train, "concepts: window crops"):
@@ -118,7 +126,7 @@ def run_cams(params: Params, index_path: Path, concepts_path: Path, out: Path) -
     concepts, scene = _read_concepts(concepts_path, index)
     vit = _vit(params, device)
     train = index.positions(params.base.train_split)
-    size = tuple(params.features.input_size)
+    size = input_size(params, vit.patch_size)
     grid = (size[0] // vit.patch_size, size[1] // vit.patch_size)
     c = torch.from_numpy(concepts)
     prov = Provenance("cams", params.section_json("transfgu"), index.fingerprint,
