@@ -14,7 +14,6 @@ import io
 import json
 import math
 import numbers
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
@@ -369,19 +368,3 @@ def render_page(title: str, meta: Sequence[tuple[str, str]], sections: Sequence[
         f"<style>{_CSS}</style></head>\n<body><header><h1>{esc(title)}</h1><dl class=\"meta\">{dl}</dl></header>"
         f"<nav><ul>{toc}</ul></nav>\n{body}\n</body></html>\n"
     )
-
-
-def git_commit(repo_dir: Path) -> str | None:
-    """Short commit of the repository holding ``repo_dir``, with a note on uncommitted changes; None outside git."""
-    def git(*args: str) -> str | None:
-        try:
-            done = subprocess.run(["git", "-C", str(repo_dir), *args], capture_output=True, text=True, timeout=20)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return done.stdout.strip() if done.returncode == 0 else None
-
-    commit = git("rev-parse", "--short=12", "HEAD")
-    if not commit:
-        return None
-    dirty = git("status", "--porcelain", "--untracked-files=no")
-    return f"{commit} (with uncommitted changes)" if dirty else commit

@@ -10,7 +10,6 @@ swapped in whole, so no PNG of an earlier report is left behind.
 
 from __future__ import annotations
 
-import datetime as dt
 import html
 import json
 import os
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
+from pipeline import __version__
 from pipeline import report as rep
 from pipeline import viz
 from pipeline.artifacts import RaggedReader, open_artifact, read_strings
@@ -143,15 +143,13 @@ def _meta(params: Params, index: ImageIndex, index_path: Path) -> list[tuple[str
     for s in ds.samples:
         counts[s.split] = counts.get(s.split, 0) + 1
     root = ds.samples[0].image.parent if ds.samples else "?"
-    commit = rep.git_commit(Path.cwd()) or "unknown (not a git checkout)"
     return [
         ("dataset", f"{ds.name} ({root})"),
         ("images", ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))),
         ("classes", f"{ds.num_classes}: {', '.join(ds.class_names)}" if ds.class_names else "none (unlabelled)"),
         ("eval split", params.base.eval_split),
         ("index", f"{index_path} (fingerprint {index.fingerprint[:12]})"),
-        ("generated", dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
-        ("git commit", commit),
+        ("code version", f"useg {__version__}"),
     ]
 
 
