@@ -70,7 +70,7 @@ def test_dvc_repro_end_to_end(tmp_path):
     out = sh(dvc + ["repro"], repo)
     assert {"synth", "prepare", "weights", "features", "baseline", "probe", "mine", "cluster", "distill", "filter",
             "segment", "predict", "contrast_mine", "contrast", "contrast_eval", "concepts", "cams", "transfgu", "transfgu_predict",
-            "evaluate"} <= ran(out)
+            "evaluate", "report"} <= ran(out)
     metrics = json.loads((repo / "results/evaluate/metrics.json").read_text())
     assert 0.0 <= metrics["baseline"]["patch_kmeans"]["miou"] <= 100.0
     assert metrics["baseline"]["patch_kmeans"]["matching"] == "hungarian-counts"
@@ -86,6 +86,7 @@ def test_dvc_repro_end_to_end(tmp_path):
     probe = json.loads((repo / "results/probe/metrics.json").read_text())
     assert 0.0 <= probe["probe"]["miou"] <= 100.0
     assert (repo / "results/evaluate/baseline_patch_kmeans/overlays.png").stat().st_size > 0
+    assert "transfgu" in (repo / "results/report/index.html").read_text()
 
     out = sh(dvc + ["repro"], repo)
     assert ran(out) == set(), out
@@ -101,12 +102,12 @@ def test_dvc_repro_end_to_end(tmp_path):
     sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"], repo)
     sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "lock"], repo)
     out = sh(dvc + ["exp", "run", "-S", "baseline.kmeans_iters=20"], repo)
-    assert ran(out) == {"baseline", "evaluate"}, out
+    assert ran(out) == {"baseline", "evaluate", "report"}, out
     out = sh(dvc + ["exp", "run", "-S", "filter.score_threshold=0.5"], repo)
     # filter re-runs; what follows re-runs unless its inputs came out byte-identical (a tiny model
     # may give the same labels at both thresholds, and DVC then rightly skips the rest); nothing
     # upstream of filter runs.
-    assert "filter" in ran(out) and ran(out) <= {"filter", "segment", "predict", "evaluate"}, out
+    assert "filter" in ran(out) and ran(out) <= {"filter", "segment", "predict", "evaluate", "report"}, out
     out = sh(dvc + ["exp", "run", "-S", "filter.score_threshold=0.9"], repo)
     assert ran(out) == set(), out  # restored from the run cache
     assert "is cached - skipping run" in out, out
