@@ -11,7 +11,6 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
-import torch
 from rich.console import Console
 
 from pipeline import runtime

@@ -40,7 +40,6 @@ from pipeline.transfgu import (
     MaskTransformerDecoder,
     concept_cams,
     discover_concepts,
-    num_classes_of,
     train_transfgu,
     upsample,
     window_embeddings,
