@@ -297,3 +297,31 @@ def load_checkpoint(path: str | Path, fingerprint: str | None, what: str, stage:
     if fingerprint is not None and state.get("dataset_fingerprint") != fingerprint:
         raise ArtifactError(f"{path}: trained on another dataset: re-run `useg {stage}`")
     return state
+
+
+def write_predictions(
+    out: str | Path, prov: Provenance, ids: Sequence[str], positions: np.ndarray,
+    num_clusters: dict[str, int], records,
+) -> None:
+    """Write a `useg.predictions` artifact: one group of ragged uint16 label maps per method.
+
+    Args:
+        ids: Sample ids of the evaluated images, in order.
+        positions: Their positions in the index.
+        num_clusters: Label count per method name, in the order the groups are written.
+        records: Per image, in order, {method: label map (H, W)}.
+    """
+    with write_artifact(out, "useg.predictions", prov) as f:
+        string_dataset(f, "ids", list(ids))
+        f.create_dataset("positions", data=positions, track_times=False)
+        f.attrs["methods"] = ",".join(num_clusters)
+        writers = {}
+        for m, k in num_clusters.items():
+            g = f.create_group(m)
+            g.attrs["num_clusters"] = int(k)
+            writers[m] = RaggedWriter(g, "labels", np.uint16, 2)
+        for rec in records:
+            for m, labels in rec.items():
+                writers[m].append(labels.astype(np.uint16, copy=False))
+        for w in writers.values():
+            w.close()

@@ -29,6 +29,7 @@ class BaseConfig:
     seed: int = opt(0, min=0)
     device: str = opt("cpu", choices=("cpu", "cuda", "auto"))
     threads: int = opt(2, min=0, max=256)
+    nproc: int = opt(1, min=1, max=1024)
     precision: str = opt("auto", choices=("auto", "fp32", "bf16", "fp16"))
     dataset: str = opt("synthetic", choices=DATASET_NAMES)
     data_root: str = opt("data/synthetic")
@@ -158,11 +159,13 @@ class Params:
     transfgu: "TransFGUConfig" = field(default_factory=lambda: TransFGUConfig())
 
     def section_json(self, name: str) -> str:
-        """Canonical JSON of `base` plus one section, for artifact provenance."""
-        return json.dumps(
-            {"base": dataclasses.asdict(self.base), name: dataclasses.asdict(getattr(self, name))},
-            sort_keys=True,
-        )
+        """Canonical JSON of `base` plus one section, for artifact provenance.
+
+        `base.nproc` is left out: how many processes ran a stage does not change what it
+        writes (sharded artifacts are byte-identical to one process's).
+        """
+        base = {k: v for k, v in dataclasses.asdict(self.base).items() if k != "nproc"}
+        return json.dumps({"base": base, name: dataclasses.asdict(getattr(self, name))}, sort_keys=True)
 
 
 def _type_name(tp: Any) -> str:

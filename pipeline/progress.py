@@ -13,7 +13,7 @@ T = TypeVar("T")
 
 def track(items: Iterable[T], description: str, total: int | None = None, disable: bool = False) -> Iterable[T]:
     """Iterate with a Rich progress bar on stderr (quiet when USEG_QUIET=1)."""
-    if disable or os.environ.get("USEG_QUIET") == "1":
+    if disable or os.environ.get("USEG_QUIET") == "1" or int(os.environ.get("RANK", "0")) > 0:
         yield from items
         return
     if total is None and hasattr(items, "__len__"):

@@ -24,10 +24,14 @@ def setup(base: BaseConfig) -> torch.device:
     torch.use_deterministic_algorithms(True, warn_only=True)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     if base.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if base.device == "cuda" and not torch.cuda.is_available():
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    elif base.device == "cuda" and not torch.cuda.is_available():
         raise ParamsError("params key 'base.device': 'cuda' asked for but no CUDA device is available (use cpu or auto)")
-    return torch.device(base.device)
+    else:
+        device = torch.device(base.device)
+    from pipeline import dist
+
+    return dist.init(device)
 
 
 def cpu_has_native_bf16() -> bool:

@@ -26,6 +26,7 @@ from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 from pipeline.fields import opt
 from pipeline.errors import DataError, ParamsError, UsegError
 from pipeline.features import preprocess
+from pipeline import dist
 from pipeline.losses import IGNORE_INDEX, ohem_cross_entropy
 from pipeline.maskrcnn import ImageSource, item, iter_batches, mobilenet_v2_features
 from pipeline.progress import track
@@ -227,9 +228,10 @@ def train_segmenter(
     model.to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     batch_size = min(cfg.batch_size, n)
+    dist.check_divisible(batch_size, "segment.batch_size", min_part=2)
+    net = dist.wrap(model, torch.device(device))
     per_epoch = n // batch_size
     total = cfg.epochs * per_epoch
-    rng = np.random.default_rng(cfg.seed)
     shuffled = iter_batches(n, batch_size, cfg.epochs, torch.Generator().manual_seed(cfg.seed))
     batches = (b for b in shuffled if len(b[1]) == batch_size)
     loss_sum = 0.0
@@ -237,8 +239,10 @@ def train_segmenter(
         lr = poly_lr(cfg.lr, it, total, cfg.poly_power)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x, y = _segmentation_batch(images, labels, positions, num_classes, cfg, rng)
-        loss_sum += _sgd_step(model, optimizer, x.to(device), y.to(device), cfg.ohem_fraction, it)
+        first = dist.part_offset(len(positions))
+        rngs = [dist.item_rng(cfg.seed, it, first + k) for k in range(len(dist.part(positions)))]
+        x, y = _segmentation_batch(images, labels, dist.part(positions), num_classes, cfg, rngs)
+        loss_sum += dist.mean(_sgd_step(net, optimizer, x.to(device), y.to(device), cfg.ohem_fraction, it))
         if (it + 1) % per_epoch == 0:
             if log is not None:
                 log({"epoch": epoch, "loss": loss_sum / per_epoch, "lr": lr})
@@ -252,10 +256,10 @@ def _segmentation_batch(
     positions: list[int],
     num_classes: int,
     cfg: SegmentConfig,
-    rng: np.random.Generator,
+    rngs: list[np.random.Generator],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     xs, ys = [], []
-    for i in positions:
+    for i, rng in zip(positions, rngs):
         label = np.asarray(item(labels, i))
         _check_labels(label, num_classes, i)
         x, y = augment(np.asarray(item(images, i)), label, cfg, rng)

@@ -36,7 +36,12 @@ def user_errors(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            if "WORLD_SIZE" in os.environ:
+                from pipeline import dist
+
+                dist.finish()
+            return result
         except UsegError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
@@ -51,6 +56,24 @@ def _params(path: Path):
     from pipeline.config import load_params
 
     return load_params(path)
+
+
+def _ranked_params(path: Path):
+    """Params of a stage that runs on `base.nproc` ranks: relaunch under torchrun when due.
+
+    The parent validates params first (bad input stops before any process starts), then
+    waits for the ranks and exits with their code.
+    """
+    import sys
+
+    from pipeline import dist
+
+    p = _params(path)
+    argv = sys.argv[1:]  # the command line of this stage, relaunched as is on every rank
+    rc = dist.launch(p.base.nproc, argv)
+    if rc is not None:
+        raise typer.Exit(rc)
+    return p
 
 
 @app.command()
@@ -114,7 +137,7 @@ def features(
     """
     from stages import features as stage
 
-    stage.run(_params(params), index, out)
+    stage.run(_ranked_params(params), index, out)
 
 
 @app.command()
@@ -148,7 +171,7 @@ def probe(
     """
     from stages import probe as stage
 
-    stage.run(_params(params), index, features, out)
+    stage.run(_ranked_params(params), index, features, out)
 
 
 WeightsDirOpt = Annotated[Path, typer.Option("--weights", help="Folder written by `useg weights`.")]
@@ -175,7 +198,7 @@ def mine(
 
     if section not in ("mine", "contrast_mine"):
         raise UsegError(f"--section {section!r}: expected mine or contrast_mine")
-    stage.run(_params(params), index, features, weights, out, section)
+    stage.run(_ranked_params(params), index, features, weights, out, section)
 
 
 @app.command()
@@ -213,7 +236,7 @@ def distill(
     """
     from stages import distill as stage
 
-    stage.run(_params(params), index, masks, clusters, weights, out)
+    stage.run(_ranked_params(params), index, masks, clusters, weights, out)
 
 
 @app.command(name="filter")
@@ -234,7 +257,7 @@ def filter_(
     """
     from stages import filter as stage
 
-    stage.run(_params(params), index, masks, clusters, model, out, metrics)
+    stage.run(_ranked_params(params), index, masks, clusters, model, out, metrics)
 
 
 @app.command(name="train-segmenter")
@@ -252,7 +275,7 @@ def train_segmenter(
     """
     from stages import segment as stage
 
-    stage.run(_params(params), index, pseudolabels, weights, out)
+    stage.run(_ranked_params(params), index, pseudolabels, weights, out)
 
 
 @app.command()
@@ -270,7 +293,7 @@ def contrast(
     """
     from stages import contrast as stage
 
-    stage.run(_params(params), index, masks, weights, out)
+    stage.run(_ranked_params(params), index, masks, weights, out)
 
 
 @app.command(name="contrast-eval")
@@ -343,7 +366,7 @@ def transfgu(
     """
     from stages import transfgu as stage
 
-    stage.run_train(_params(params), index, cams, out)
+    stage.run_train(_ranked_params(params), index, cams, out)
 
 
 @app.command(name="transfgu-predict")
@@ -361,7 +384,7 @@ def transfgu_predict(
     """
     from stages import transfgu as stage
 
-    stage.run_predict(_params(params), index, features, model, out)
+    stage.run_predict(_ranked_params(params), index, features, model, out)
 
 
 @app.command()
@@ -378,7 +401,7 @@ def predict(
     """
     from stages import predict as stage
 
-    stage.run(_params(params), index, model, out)
+    stage.run(_ranked_params(params), index, model, out)
 
 
 @app.command()

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 from rich.console import Console
 
-from pipeline import runtime
+from pipeline import dist, runtime
 from pipeline.artifacts import Provenance, string_dataset, write_artifact
 from pipeline.config import Params
 from pipeline.features import create_feature_datasets, iter_batches, probe_layout, to_f16
@@ -44,6 +45,27 @@ def run(params: Params, index_path: Path, out: Path) -> float:
     model.to(device)
     prov = Provenance("features", params.section_json("features"), index.fingerprint, {"index": str(index_path)})
     t0 = time.perf_counter()
+
+    def compute(block: list) -> Iterator[dict[str, np.ndarray]]:
+        """float16 outputs per batch of `block`, in order."""
+        batches = iter_batches(index.dataset, block, cfg.input_size, cfg.batch_size)
+        n_batches = (len(block) + cfg.batch_size - 1) // cfg.batch_size
+        with torch.inference_mode(), runtime.autocast(params.base, device):
+            for _, x in track(batches, "features", total=n_batches):
+                o = model(x.to(device))
+                rec = {"patch_tokens": to_f16(o.patch_tokens)}
+                if layout.has_cls:
+                    rec["cls"] = to_f16(o.cls)
+                if layout.heads:
+                    rec["cls_attn"] = to_f16(o.cls_attn)
+                    rec["cls_query"] = to_f16(o.cls_query)
+                    if cfg.store_keys:
+                        rec["keys"] = to_f16(o.keys)
+                yield rec
+
+    records = dist.sharded(samples, compute, out, align=cfg.batch_size)
+    if records is None:  # another rank writes the artifact
+        return time.perf_counter() - t0
     with write_artifact(out, SCHEMA, prov) as f:
         f.attrs["backbone"] = cfg.backbone
         f.attrs["grid"] = np.asarray(layout.grid, dtype=np.int64)
@@ -52,20 +74,12 @@ def run(params: Params, index_path: Path, out: Path) -> float:
         f.attrs["precision"] = runtime.resolve_precision(params.base, device)
         string_dataset(f, "ids", [s.id for s in samples])
         dsets = create_feature_datasets(f, len(samples), layout, cfg.store_keys)
-        batches = iter_batches(index.dataset, samples, cfg.input_size, cfg.batch_size)
-        n_batches = (len(samples) + cfg.batch_size - 1) // cfg.batch_size
-        with torch.inference_mode(), runtime.autocast(params.base, device):
-            for start, x in track(batches, "features", total=n_batches):
-                o = model(x.to(device))
-                stop = start + x.shape[0]
-                dsets["patch_tokens"][start:stop] = to_f16(o.patch_tokens)
-                if "cls" in dsets:
-                    dsets["cls"][start:stop] = to_f16(o.cls)
-                if "cls_attn" in dsets:
-                    dsets["cls_attn"][start:stop] = to_f16(o.cls_attn)
-                    dsets["cls_query"][start:stop] = to_f16(o.cls_query)
-                if "keys" in dsets:
-                    dsets["keys"][start:stop] = to_f16(o.keys)
+        start = 0
+        for rec in records:
+            stop = start + len(rec["patch_tokens"])
+            for name, value in rec.items():
+                dsets[name][start:stop] = value
+            start = stop
     dt = time.perf_counter() - t0
     Console(stderr=True).print(
         f"features: {len(samples)} images, {cfg.backbone} at {cfg.input_size[0]}x{cfg.input_size[1]} "

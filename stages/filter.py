@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 from rich.console import Console
 
-from pipeline import runtime
+from pipeline import dist, runtime
 from pipeline.artifacts import Provenance, RaggedReader, RaggedWriter, open_artifact, string_dataset, write_artifact
 from pipeline.config import Params
 from pipeline.errors import ArtifactError
@@ -71,6 +72,19 @@ def run(params: Params, index_path: Path, masks_path: Path, clusters_path: Path,
         "filter", params.section_json("filter"), index.fingerprint,
         {"index": str(index_path), "masks": str(masks_path), "clusters": str(clusters_path), "initial": str(model_path)},
     )
+    def compute(block) -> Iterator[tuple[int, np.ndarray, int]]:
+        """(position, pasted label map, detections kept) per train image of `block`."""
+        for i in track(block, "filter: initial model on train"):
+            image = ds.load_image(ds.samples[int(i)])
+            with torch.inference_mode():
+                dets = predict_instances(model, image, score_floor=cfg.score_floor, device=device)
+            label = filter_and_paste(dets, image.shape[0], image.shape[1], score_threshold=cfg.score_threshold,
+                                     mask_threshold=cfg.mask_threshold, dtype=np.uint16)
+            yield int(i), label, int(sum(d[1] >= cfg.score_threshold for d in dets)) or int(bool(dets))
+
+    records = dist.sharded(train, compute, out)
+    if records is None:  # another rank writes the artifact
+        return
     kept = []
     with open_artifact(masks_path, "useg.masks", index.fingerprint) as masks, open_artifact(
         clusters_path, "useg.clusters", index.fingerprint
@@ -84,20 +98,13 @@ def run(params: Params, index_path: Path, masks_path: Path, clusters_path: Path,
         string_dataset(f, "ids", [ds.samples[int(i)].id for i in train])
         f.create_dataset("positions", data=train, track_times=False)
         w = RaggedWriter(f, "labels", np.uint16, 2)
-        for i in track(train, "filter: initial model on train"):
-            s = ds.samples[int(i)]
-            image = ds.load_image(s)
-            hw = image.shape[:2]
-            with torch.inference_mode():
-                dets = predict_instances(model, image, score_floor=cfg.score_floor, device=device)
-            label = filter_and_paste(dets, hw[0], hw[1], score_threshold=cfg.score_threshold,
-                                     mask_threshold=cfg.mask_threshold, dtype=np.uint16)
-            kept.append(int(sum(d[1] >= cfg.score_threshold for d in dets)) or int(bool(dets)))
+        for i, label, n_kept in records:
+            kept.append(n_kept)
             w.append(label)
             if has_gt:
-                gt = ds.load_mask(s)
+                gt = ds.load_mask(ds.samples[i])
                 sel = np.flatnonzero(mpos == i)
-                before = paste_cluster_masks([mreader[j] for j in sel], mlabel[sel], mscore[sel], hw)
+                before = paste_cluster_masks([mreader[j] for j in sel], mlabel[sel], mscore[sel], label.shape)
                 conf_before += confusion_matrix(before.astype(np.int64), gt, k + 1, c)
                 conf_after += confusion_matrix(label.astype(np.int64), gt, k + 1, c)
         w.close()

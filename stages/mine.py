@@ -8,12 +8,13 @@ area under `mine.min_area`) are counted, never silently lost.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from rich.console import Console
 from threadpoolctl import threadpool_limits
 
-from pipeline import runtime
+from pipeline import dist, runtime
 from pipeline.artifacts import Provenance, RaggedWriter, create_dataset, open_artifact, write_artifact
 from pipeline.config import Params
 from pipeline.errors import ParamsError
@@ -103,18 +104,28 @@ def run(params: Params, index_path: Path, features_path: Path, weights_dir: Path
         section, params.section_json(section), index.fingerprint,
         {"index": str(index_path), "features": str(features_path)},
     )
+    def compute(block) -> Iterator[tuple[int, list]]:
+        """(position, proposals) per image of `block`."""
+        with threadpool_limits(max(1, params.base.threads)):
+            for pos in track(block, f"mine ({method})"):
+                pos = int(pos)
+                s = index.dataset.samples[pos]
+                hw = (int(index.heights[pos]), int(index.widths[pos]))
+                yield pos, miner(pos, lambda: index.dataset.load_image(s), hw)
+
+    records = dist.sharded(train, compute, out)
+    if records is None:  # another rank writes the artifact
+        feats.close()
+        return
     image_pos, scores, boxes, grids, dropped = [], [], [], [], []
-    with write_artifact(out, SCHEMA, prov) as f, threadpool_limits(max(1, params.base.threads)):
+    with write_artifact(out, SCHEMA, prov) as f:
         f.attrs["method"] = method
         f.attrs["grid"] = np.asarray(grid, dtype=np.int64)
         f.attrs["split"] = params.base.train_split
         f.attrs["scene_centric"] = method == "spectral"
         w = RaggedWriter(f, "masks", np.uint8, 2)
-        for pos in track(train, f"mine ({method})"):
-            pos = int(pos)
+        for pos, found in records:
             s = index.dataset.samples[pos]
-            hw = (int(index.heights[pos]), int(index.widths[pos]))
-            found = miner(pos, lambda: index.dataset.load_image(s), hw)
             if not found:
                 dropped.append(s.id)
             for g, full, score in found:

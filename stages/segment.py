@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from pipeline import runtime
+from pipeline import dist, runtime
 from pipeline.artifacts import RaggedReader, load_checkpoint, open_artifact, save_checkpoint
 from pipeline.config import Params
 from pipeline.crf import crf_self_training_labels
@@ -50,7 +50,7 @@ def run(params: Params, index_path: Path, pseudo_path: Path, weights_dir: Path, 
         labels = [training_target(reader[j], scene) for j in range(len(positions))]
     num_classes = segmenter_classes(k, scene)
     images = lambda j: ds.load_image(ds.samples[int(positions[j])])  # noqa: E731
-    live = DVCLiveLogger("results/segment")
+    live = DVCLiveLogger("results/segment") if dist.is_main() else None
     model = train_segmenter(images, lambda j: labels[j], num_classes, cfg,
                             backbone_weights=weights_dir / "mobilenet_v2_imagenet.pt", log=live,
                             device=device, num_images=len(positions))
@@ -60,6 +60,8 @@ def run(params: Params, index_path: Path, pseudo_path: Path, weights_dir: Path, 
                             f"segment: CRF round {r + 1} labels", total=len(imgs)))
         model = train_segmenter(images, lambda j: labels[j], num_classes, cfg, log=live, device=device,
                                 num_images=len(positions), model=model)
+    if not dist.is_main():  # rank 0 writes the curves and the checkpoint
+        return
     live.end()
     save_segmenter(model, num_classes, params, index.fingerprint, out)
     Console(stderr=True).print(f"segment: DeepLabv3-MobileNetV2 on {len(positions)} images, {num_classes} classes, "

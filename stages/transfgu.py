@@ -14,21 +14,21 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 from rich.console import Console
 
-from pipeline import runtime
+from pipeline import dist, runtime
 from pipeline.artifacts import (
     Provenance,
-    RaggedWriter,
     create_dataset,
     load_checkpoint,
     open_artifact,
     save_checkpoint,
-    string_dataset,
     write_artifact,
+    write_predictions,
 )
 from pipeline.config import Params
 from pipeline.errors import ArtifactError, DataError, ParamsError
@@ -225,21 +225,20 @@ def run_predict(params: Params, index_path: Path, features_path: Path, model_pat
     eval_pos = index.positions(params.base.eval_split)
     prov = Provenance("transfgu_predict", params.section_json("transfgu"), index.fingerprint,
                       {"index": str(index_path), "features": str(features_path), "model": str(model_path)})
-    with open_artifact(features_path, "useg.features", index.fingerprint) as feats, write_artifact(out, "useg.predictions", prov) as f:
-        grid = tuple(int(v) for v in feats.attrs["grid"])
-        tokens = feats["patch_tokens"]
-        string_dataset(f, "ids", [ds.samples[int(i)].id for i in eval_pos])
-        f.create_dataset("positions", data=eval_pos, track_times=False)
-        f.attrs["methods"] = "transfgu"
-        g = f.create_group("transfgu")
-        g.attrs["num_clusters"] = k
-        w = RaggedWriter(g, "labels", np.uint16, 2)
-        with torch.inference_mode():
-            for pos in track(eval_pos, "transfgu_predict"):
+
+    def compute(block) -> Iterator[dict[str, np.ndarray]]:
+        """{"transfgu": labels at original size} per eval image of `block`."""
+        with open_artifact(features_path, "useg.features", index.fingerprint) as feats, torch.inference_mode():
+            grid = tuple(int(v) for v in feats.attrs["grid"])
+            for pos in track(block, "transfgu_predict"):
                 pos = int(pos)
-                t = torch.from_numpy(tokens[pos].astype(np.float32))[None].to(device)
+                t = torch.from_numpy(feats["patch_tokens"][pos].astype(np.float32))[None].to(device)
                 logits, _ = decoder(t, grid)
                 hw = (int(index.heights[pos]), int(index.widths[pos]))
-                w.append(upsample(logits.float(), hw)[0].argmax(0).cpu().numpy().astype(np.uint16))
-        w.close()
+                yield {"transfgu": upsample(logits.float(), hw)[0].argmax(0).cpu().numpy().astype(np.uint16)}
+
+    records = dist.sharded(eval_pos, compute, out)
+    if records is None:  # another rank writes the artifact
+        return
+    write_predictions(out, prov, [ds.samples[int(i)].id for i in eval_pos], eval_pos, {"transfgu": k}, records)
     Console(stderr=True).print(f"transfgu_predict: {len(eval_pos)} {params.base.eval_split} images, {k} classes -> {out}")
