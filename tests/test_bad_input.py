@@ -142,7 +142,7 @@ def class_id_out_of_range(root: Path) -> str:
         (size_mismatch, ": mask size 41x30 does not match image b.png size 40x30"),
         (class_id_out_of_range, ": class id 12 out of range for 'camvid' (11 classes, 255 = ignore)"),
     ],
-    ids=lambda v: getattr(v, "__name__", None),
+    ids=["corrupt_image", "truncated_png", "missing_mask", "size_mismatch", "class_id_out_of_range"],
 )
 def test_bad_data_stops_prepare(prepared, camvid, breaks, says):
     params, out = prepared
@@ -173,7 +173,7 @@ def test_empty_image_folder(tmp_path):
         (lambda r: r["base"].update(seed="zero"), "'base.seed'", ": expected an integer, got 'zero'"),
         (lambda r: r["synth"].update(val_fraction=1.5), "'synth.val_fraction'", ": 1.5 is out of range [0.05, 0.95]"),
     ],
-    ids=["unknown key", "wrong type", "out of range"],
+    ids=["unknown_key", "wrong_type", "out_of_range"],
 )
 def test_bad_params(prepared, camvid, edit, key, says):
     params, out = prepared
