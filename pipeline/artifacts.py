@@ -11,13 +11,16 @@ timestamps are stored, so identical inputs give byte-identical files.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
+import re
+import shutil
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import BinaryIO, Iterator, Sequence
 
 import h5py
 import numpy as np
@@ -66,8 +69,30 @@ class Provenance:
         return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _tmp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp.h5")
+def temp_sibling(dest: Path, suffix: str = ".tmp") -> Path:
+    """`.NAME.PID<suffix>` beside `dest`, after removing what killed runs left under that pattern.
+
+    A SIGKILL cannot be caught, so the temporary file or folder of a killed writer stays
+    behind; the next write of the same output removes it.
+    """
+    own = re.compile(rf"\.{re.escape(dest.name)}\.[0-9]+{re.escape(suffix)}")
+    for stale in dest.parent.glob(f".{glob.escape(dest.name)}.*{suffix}"):
+        if own.fullmatch(stale.name):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+    return dest.with_name(f".{dest.name}.{os.getpid()}{suffix}")
+
+
+@contextlib.contextmanager
+def _signals_blocked() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back while an output is renamed into place."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 @contextlib.contextmanager
@@ -81,9 +106,7 @@ def write_artifact(path: str | Path, schema: str, prov: Provenance) -> Iterator[
         raise ArtifactError(f"unknown artifact schema {schema!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(path)
-    for stale in path.parent.glob(f".{path.name}.*.tmp.h5"):
-        stale.unlink(missing_ok=True)
+    tmp = temp_sibling(path, ".tmp.h5")
     f = h5py.File(tmp, "w", libver=("earliest", "v110"), track_order=False)
     try:
         attrs = f.attrs
@@ -97,12 +120,8 @@ def write_artifact(path: str | Path, schema: str, prov: Provenance) -> Iterator[
         attrs["artifact_id"] = prov.artifact_id(schema)
         yield f
         f.close()
-        # A SIGINT between close and replace must not leave a half-state: block it.
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-        try:
+        with _signals_blocked():
             os.replace(tmp, path)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
     except BaseException:
         with contextlib.suppress(Exception):
             f.close()
@@ -260,20 +279,73 @@ def file_md5(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(state: dict, out: str | Path) -> None:
-    """`torch.save` a checkpoint atomically: a temporary file in the same folder, then `os.replace`."""
-    import torch
+@contextlib.contextmanager
+def atomic_file(dest: str | Path) -> Iterator[BinaryIO]:
+    """Open a temporary file beside `dest` for binary writing; it replaces `dest` when the block ends.
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    On an exception (KeyboardInterrupt included) the temporary file is removed and `dest` is
+    left as it was; after a SIGKILL it stays behind and the next write of `dest` removes it.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(dest)
     try:
         with open(tmp, "wb") as fh:
-            torch.save(state, fh)
-        os.replace(tmp, out)
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        with _signals_blocked():
+            os.replace(tmp, dest)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(dest: str | Path, data: bytes) -> None:
+    """Write `data` to `dest` through `atomic_file`."""
+    with atomic_file(dest) as fh:
+        fh.write(data)
+
+
+def write_json(dest: str | Path, obj, default=None) -> None:
+    """Write `obj` as indented, key-sorted JSON through `atomic_file`."""
+    atomic_write_bytes(dest, (json.dumps(obj, indent=2, sort_keys=True, default=default) + "\n").encode())
+
+
+@contextlib.contextmanager
+def staged_folder(dest: str | Path) -> Iterator[Path]:
+    """An empty temporary folder beside `dest` that replaces `dest` when the block ends without error.
+
+    The previous `dest` is renamed aside and deleted only after the new folder is in place, so
+    a reader sees the old folder or the new one, never a half-written one. On an exception the
+    temporary folder is removed; after a SIGKILL the next write of `dest` removes it.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(dest)
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = temp_sibling(dest, ".old")
+        with _signals_blocked():
+            if dest.exists():
+                os.replace(dest, old)
+            os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(state: dict, out: str | Path) -> None:
+    """`torch.save` a checkpoint atomically (through `atomic_file`).
+
+    Saving through a file object, not a path, keeps the temporary name out of the archive.
+    """
+    import torch
+
+    with atomic_file(out) as fh:
+        torch.save(state, fh)
 
 
 def load_checkpoint(path: str | Path, fingerprint: str | None, what: str, stage: str) -> dict:

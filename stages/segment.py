@@ -50,17 +50,16 @@ def run(params: Params, index_path: Path, pseudo_path: Path, weights_dir: Path, 
         labels = [training_target(reader[j], scene) for j in range(len(positions))]
     num_classes = segmenter_classes(k, scene)
     images = lambda j: ds.load_image(ds.samples[int(positions[j])])  # noqa: E731
-    live = DVCLiveLogger("results/segment")
-    model = train_segmenter(images, lambda j: labels[j], num_classes, cfg,
-                            backbone_weights=weights_dir / "mobilenet_v2_imagenet.pt", log=live,
-                            device=device, num_images=len(positions))
-    for r in range(params.crf.rounds):
-        imgs = [images(j) for j in range(len(positions))]
-        labels = list(track(crf_self_training_labels(model, imgs, params.crf, device=device),
-                            f"segment: CRF round {r + 1} labels", total=len(imgs)))
-        model = train_segmenter(images, lambda j: labels[j], num_classes, cfg, log=live, device=device,
-                                num_images=len(positions), model=model)
-    live.end()
+    with DVCLiveLogger("results/segment") as live:
+        model = train_segmenter(images, lambda j: labels[j], num_classes, cfg,
+                                backbone_weights=weights_dir / "mobilenet_v2_imagenet.pt", log=live,
+                                device=device, num_images=len(positions))
+        for r in range(params.crf.rounds):
+            imgs = [images(j) for j in range(len(positions))]
+            labels = list(track(crf_self_training_labels(model, imgs, params.crf, device=device),
+                                f"segment: CRF round {r + 1} labels", total=len(imgs)))
+            model = train_segmenter(images, lambda j: labels[j], num_classes, cfg, log=live, device=device,
+                                    num_images=len(positions), model=model)
     save_segmenter(model, num_classes, params, index.fingerprint, out)
     Console(stderr=True).print(f"segment: DeepLabv3-MobileNetV2 on {len(positions)} images, {num_classes} classes, "
                                f"{params.crf.rounds} CRF rounds -> {out}")
