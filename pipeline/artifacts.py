@@ -107,8 +107,9 @@ def write_artifact(path: str | Path, schema: str, prov: Provenance) -> Iterator[
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(path, ".tmp.h5")
-    f = h5py.File(tmp, "w", libver=("earliest", "v110"), track_order=False)
-    try:
+    f = None
+    try:  # opened inside the try: a Ctrl-C while h5py creates the file must remove it too
+        f = h5py.File(tmp, "w", libver=("earliest", "v110"), track_order=False)
         attrs = f.attrs
         attrs["schema"] = schema
         attrs["schema_version"] = SCHEMAS[schema]
@@ -123,8 +124,9 @@ def write_artifact(path: str | Path, schema: str, prov: Provenance) -> Iterator[
         with _signals_blocked():
             os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(Exception):
-            f.close()
+        if f is not None:
+            with contextlib.suppress(Exception):
+                f.close()
         tmp.unlink(missing_ok=True)
         raise
 
@@ -323,8 +325,8 @@ def staged_folder(dest: str | Path) -> Iterator[Path]:
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(dest)
-    tmp.mkdir()
     try:
+        tmp.mkdir()
         yield tmp
         old = temp_sibling(dest, ".old")
         with _signals_blocked():

@@ -84,20 +84,21 @@ class Stage:
 
     args: tuple[str, ...]
     outputs: tuple[str, ...]
-    writing: str  # glob (relative to the work folder) that matches once the write has begun
+    writing: str  # path (relative to the work folder) that exists once process {pid} has begun its write
 
-    def began(self, work: Path) -> Callable[[], bool]:
-        return lambda: any(work.glob(self.writing))
+    def began(self, work: Path, proc: subprocess.Popen) -> Callable[[], bool]:
+        """True once this run's own temporary output exists (not a stale one of a killed run)."""
+        return (work / self.writing.format(pid=proc.pid)).exists
 
 
 STAGES = {
     # an HDF5 artifact: the temporary file exists from the first image on
     "features": Stage(("features", "--index", "artifacts/index.h5", "--out", "artifacts/features.h5"),
-                      ("artifacts/features.h5",), "artifacts/.features.h5.*.tmp.h5"),
+                      ("artifacts/features.h5",), "artifacts/.features.h5.{pid}.tmp.h5"),
     # a training stage: checkpoint plus DVCLive curves; the curves' temporary folder exists while it trains
     "contrast": Stage(("contrast", "--index", "artifacts/index.h5", "--masks", "artifacts/contrast/masks.h5",
                        "--weights", "weights", "--out", "models/contrast.pt"),
-                      ("models/contrast.pt", "results/contrast"), "results/.contrast.*.tmp"),
+                      ("models/contrast.pt", "results/contrast"), "results/.contrast.{pid}.tmp"),
 }
 
 
@@ -143,7 +144,8 @@ def test_sigkill_and_ctrl_c_leave_no_partial_output(work: Path, name: str) -> No
         (work / rel).unlink(missing_ok=True)
 
     # killed during its first write: no output appears
-    rc, _ = stop_while_writing(start(cmd, work), stage.began(work), signal.SIGKILL)
+    proc = start(cmd, work)
+    rc, _ = stop_while_writing(proc, stage.began(work, proc), signal.SIGKILL)
     assert rc == -signal.SIGKILL
     assert set(snapshot(work, stage.outputs).values()) == {None}
     assert temp_files(work), "a SIGKILL cannot be caught: its temporary output stays until the next run"
@@ -155,14 +157,16 @@ def test_sigkill_and_ctrl_c_leave_no_partial_output(work: Path, name: str) -> No
     assert None not in complete.values()
 
     # killed while re-writing: the previous complete output is untouched
-    rc, _ = stop_while_writing(start(cmd, work), stage.began(work), signal.SIGKILL)
+    proc = start(cmd, work)
+    rc, _ = stop_while_writing(proc, stage.began(work, proc), signal.SIGKILL)
     assert rc == -signal.SIGKILL
     assert snapshot(work, stage.outputs) == complete
     assert temp_files(work)
 
     # Ctrl-C while re-writing: exit 130 with one line, nothing left behind (the stale temp of the
     # killed run is removed when the write starts), the complete output untouched
-    rc, err = stop_while_writing(start(cmd, work), stage.began(work), signal.SIGINT)
+    proc = start(cmd, work)
+    rc, err = stop_while_writing(proc, stage.began(work, proc), signal.SIGINT)
     assert rc == 130, err
     assert "interrupted: no artifact was written" in err and "Traceback" not in err, err
     assert temp_files(work) == []
@@ -183,6 +187,7 @@ def test_dvc_repro_completes_after_sigkill(tmp_path: Path) -> None:
     dvc = [str(Path(sys.executable).parent / "dvc")]
     sh(dvc + ["repro", "prepare", "weights"], repo)
 
+    assert not list((repo / "artifacts").glob(".features.h5.*"))
     proc = start(dvc + ["repro", "features"], repo)
     rc, _ = stop_while_writing(proc, lambda: any((repo / "artifacts").glob(".features.h5.*.tmp.h5")), signal.SIGKILL)
     assert rc == -signal.SIGKILL
