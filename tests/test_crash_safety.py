@@ -195,6 +195,7 @@ def test_dvc_repro_completes_after_sigkill(tmp_path: Path) -> None:
 
     out = sh(dvc + ["repro", "features"], repo)
     assert "Running stage 'features'" in out, out
+    assert "had been killed. Auto removed it from the lock file" in out, out  # DVC clears the dead PID's rwlock
     assert (repo / "artifacts/features.h5").is_file()
     assert not list((repo / "artifacts").glob(".features.h5.*"))
     assert "up to date" in sh(dvc + ["status", "features"], repo)
