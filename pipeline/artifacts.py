@@ -13,15 +13,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import BinaryIO, Iterator, Sequence
 
 import h5py
 import numpy as np
 
 from pipeline import __version__
-from pipeline.atomic import replace_atomically
+from pipeline.atomic import replace_atomically, signals_blocked, temp_sibling
 from pipeline.errors import ArtifactError
 
 #: Current version of every schema this code writes and reads.
@@ -77,8 +79,6 @@ def write_artifact(path: str | Path, schema: str, prov: Provenance) -> Iterator[
         raise ArtifactError(f"unknown artifact schema {schema!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp.h5"):
-        stale.unlink(missing_ok=True)
     with replace_atomically(path, suffix=".tmp.h5") as fh:
         f = h5py.File(fh, "w", libver=("earliest", "v110"), track_order=False)
         try:
@@ -249,15 +249,62 @@ def file_md5(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(state: dict, out: str | Path) -> None:
-    """`torch.save` a checkpoint atomically: a temporary file in the same folder, then `os.replace`.
+@contextlib.contextmanager
+def atomic_file(dest: str | Path) -> Iterator[BinaryIO]:
+    """Open a temporary file beside `dest` for binary writing; it replaces `dest` when the block ends.
 
-    Raises:
-        DiskFullError: No room to write it; the previous checkpoint is left as it was.
+    On an exception (KeyboardInterrupt included) the temporary file is removed and `dest` is
+    left as it was; after a SIGKILL it stays behind and the next write of `dest` removes it.
+    A full disk raises `DiskFullError` (see `pipeline.atomic`).
+    """
+    with replace_atomically(dest, fsync=True) as fh:
+        yield fh
+
+
+def atomic_write_bytes(dest: str | Path, data: bytes) -> None:
+    """Write `data` to `dest` through `atomic_file`."""
+    with atomic_file(dest) as fh:
+        fh.write(data)
+
+
+def write_json(dest: str | Path, obj, default=None) -> None:
+    """Write `obj` as indented, key-sorted JSON through `atomic_file`."""
+    atomic_write_bytes(dest, (json.dumps(obj, indent=2, sort_keys=True, default=default) + "\n").encode())
+
+
+@contextlib.contextmanager
+def staged_folder(dest: str | Path) -> Iterator[Path]:
+    """An empty temporary folder beside `dest` that replaces `dest` when the block ends without error.
+
+    The previous `dest` is renamed aside and deleted only after the new folder is in place, so
+    a reader sees the old folder or the new one, never a half-written one. On an exception the
+    temporary folder is removed; after a SIGKILL the next write of `dest` removes it.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(dest)
+    try:
+        tmp.mkdir()
+        yield tmp
+        old = temp_sibling(dest, ".old")
+        with signals_blocked():
+            if dest.exists():
+                os.replace(dest, old)
+            os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(state: dict, out: str | Path) -> None:
+    """`torch.save` a checkpoint atomically (through `atomic_file`).
+
+    Saving through a file object, not a path, keeps the temporary name out of the archive.
     """
     import torch
 
-    with replace_atomically(out) as fh:
+    with atomic_file(out) as fh:
         torch.save(state, fh)
 
 

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import io
 import os
+import re
+import shutil
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,9 +67,30 @@ class GuardedFile(io.FileIO):
                 self.error = e
 
 
-def tmp_path(dest: Path, suffix: str = ".tmp") -> Path:
-    """The temporary file `replace_atomically` writes `dest` through (hidden, per process)."""
+def temp_sibling(dest: Path, suffix: str = ".tmp") -> Path:
+    """`.NAME.PID<suffix>` beside `dest`, after removing what killed runs left under that pattern.
+
+    A SIGKILL cannot be caught, so the temporary file or folder of a killed writer stays
+    behind; the next write of the same output removes it.
+    """
+    own = re.compile(rf"\.{re.escape(dest.name)}\.[0-9]+{re.escape(suffix)}")
+    for stale in dest.parent.glob(f".{glob.escape(dest.name)}.*{suffix}"):
+        if own.fullmatch(stale.name):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
     return dest.with_name(f".{dest.name}.{os.getpid()}{suffix}")
+
+
+@contextlib.contextmanager
+def signals_blocked() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back while an output is renamed into place."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _raise_recorded(fh: GuardedFile, dest: Path) -> None:
@@ -97,7 +121,7 @@ def replace_atomically(dest: str | Path, suffix: str = ".tmp", fsync: bool = Fal
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path(dest, suffix)
+    tmp = temp_sibling(dest, suffix)
     fh = GuardedFile(tmp, "w+")
     try:
         try:
@@ -109,12 +133,8 @@ def replace_atomically(dest: str | Path, suffix: str = ".tmp", fsync: bool = Fal
             fh.fsync()
         fh.close()
         _raise_recorded(fh, dest)
-        # A SIGINT between close and replace must not leave a half-state: block it.
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-        try:
+        with signals_blocked():  # a SIGINT between close and replace must not leave a half-state
             os.replace(tmp, dest)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
     except BaseException:
         fh.close()
         tmp.unlink(missing_ok=True)

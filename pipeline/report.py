@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 
 from pipeline import viz
+from pipeline.artifacts import atomic_write_bytes
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -116,7 +117,7 @@ def save_figure(fig: Figure, out_path: Path) -> None:
     """Write a matplotlib figure as a PNG without metadata, atomically (as `viz.confusion_png`)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", metadata={"Software": None})
-    viz._atomic_write(buf.getvalue(), Path(out_path))
+    atomic_write_bytes(out_path, buf.getvalue())
 
 
 def _new_figure(width: float, height: float) -> Figure:

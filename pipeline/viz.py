@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import colorsys
 import io
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from pipeline.artifacts import atomic_write_bytes
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -190,20 +190,7 @@ def write_png(image: Image.Image, out_path: Path) -> None:
     """Save a PNG without metadata through a temporary file and ``os.replace``."""
     buf = io.BytesIO()
     image.save(buf, format="PNG", optimize=False, compress_level=6)
-    _atomic_write(buf.getvalue(), out_path)
-
-
-def _atomic_write(data: bytes, out_path: Path) -> None:
-    """Write bytes to a temporary file beside ``out_path``, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, out_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(out_path, buf.getvalue())
 
 
 def confusion_png(
@@ -253,7 +240,7 @@ def confusion_png(
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", metadata={"Software": None})
-    _atomic_write(buf.getvalue(), Path(out_path))
+    atomic_write_bytes(out_path, buf.getvalue())
 
 
 def _annotate_cells(ax: Axes, norm: np.ndarray) -> None:

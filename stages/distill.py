@@ -13,7 +13,7 @@ from pipeline.artifacts import RaggedReader, open_artifact, save_checkpoint
 from pipeline.config import Params
 from pipeline.index import read_index
 from pipeline.maskrcnn import train_maskrcnn
-from pipeline.tracking import DVCLiveLogger
+from pipeline.tracking import training_curves
 
 
 def load_targets(index, masks, clusters) -> tuple[np.ndarray, list[list[tuple[np.ndarray, int]]]]:
@@ -39,12 +39,11 @@ def run(params: Params, index_path: Path, masks_path: Path, clusters_path: Path,
         scene = bool(clusters.attrs["scene_centric"])
         positions, targets = load_targets(index, masks, clusters)
     ds = index.dataset
-    live = DVCLiveLogger("results/distill")
-    model = train_maskrcnn(
-        lambda i: ds.load_image(ds.samples[int(positions[i])]), targets, cfg,
-        backbone_weights=weights_dir / "mobilenet_v2_imagenet.pt", num_classes=k, log=live, device=device,
-    )
-    live.end()
+    with training_curves("results/distill") as live:
+        model = train_maskrcnn(
+            lambda i: ds.load_image(ds.samples[int(positions[i])]), targets, cfg,
+            backbone_weights=weights_dir / "mobilenet_v2_imagenet.pt", num_classes=k, log=live, device=device,
+        )
     state = {"state_dict": model.state_dict(), "num_clusters": k, "scene_centric": scene,
              "config": dataclasses.asdict(cfg), "dataset_fingerprint": index.fingerprint}
     save_checkpoint(state, out)

@@ -9,14 +9,13 @@ the exact confusion matrix as PNG and an overlay grid (image | GT | prediction).
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.artifacts import RaggedReader, open_artifact, read_strings
+from pipeline.artifacts import RaggedReader, open_artifact, read_strings, staged_folder, write_json
 from pipeline.config import Params
 from pipeline.errors import DataError, UsegError
 from pipeline.index import ImageIndex, read_index
@@ -84,16 +83,24 @@ def overlays(index, reader, positions, result: MatchResult, n: int, out_path: Pa
 
 
 def run(params: Params, index_path: Path, predictions: dict[str, Path], out: Path) -> dict:
+    """Writes OUT as a whole (a temporary folder renamed into place): an interrupted run leaves the old one."""
     index = read_index(index_path)
     if not index.dataset.has_labels:
         raise DataError(f"dataset {index.dataset.name!r} at {index.dataset.samples[0].image.parent} has no masks: nothing to evaluate")
-    names = index.dataset.class_names
-    out.mkdir(parents=True, exist_ok=True)
-    metrics: dict = {}
-    per_class: dict = {}
     table = Table(title=f"{index.dataset.name} {params.base.eval_split}")
     for col in ("predictor", "method", "K", "matching", "mIoU", "pixel acc"):
         table.add_column(col)
+    with staged_folder(out) as tmp:
+        metrics = write_evaluation(params, index, predictions, tmp, table)
+    Console(stderr=True).print(table)
+    return metrics
+
+
+def write_evaluation(params: Params, index: ImageIndex, predictions: dict[str, Path], out: Path, table: Table) -> dict:
+    """Evaluate every predictor into the folder OUT; add a row per method to `table`."""
+    names = index.dataset.class_names
+    metrics: dict = {}
+    per_class: dict = {}
     for pred_name, path in predictions.items():
         with open_artifact(path, "useg.predictions", index.fingerprint) as f:
             positions = f["positions"][()]
@@ -126,7 +133,6 @@ def run(params: Params, index_path: Path, predictions: dict[str, Path], out: Pat
                 viz.confusion_png(res.class_confusion, names, sub / "confusion.png")
                 overlays(index, reader, positions, res, params.evaluate.num_overlays, sub / "overlays.png")
                 table.add_row(pred_name, key, str(k), res.method, f"{res.miou:.1f}", f"{res.pixel_accuracy:.1f}")
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    (out / "per_class.json").write_text(json.dumps(per_class, indent=2, sort_keys=True) + "\n")
-    Console(stderr=True).print(table)
+    write_json(out / "metrics.json", metrics)
+    write_json(out / "per_class.json", per_class)
     return metrics

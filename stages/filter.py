@@ -17,7 +17,9 @@ import torch
 from rich.console import Console
 
 from pipeline import dist, runtime
-from pipeline.artifacts import Provenance, RaggedReader, RaggedWriter, open_artifact, string_dataset, write_artifact
+from pipeline.artifacts import (
+    Provenance, RaggedReader, RaggedWriter, open_artifact, staged_folder, string_dataset, write_artifact, write_json,
+)
 from pipeline.config import Params
 from pipeline.errors import ArtifactError
 from pipeline.index import read_index
@@ -111,6 +113,6 @@ def run(params: Params, index_path: Path, masks_path: Path, clusters_path: Path,
     metrics = {"images": int(len(train)), "detections_kept_mean": round(float(np.mean(kept)), 4)}
     if has_gt:
         metrics["diagnostic_train_gt"] = {"before_filter": diagnostic(conf_before), "after_filter": diagnostic(conf_after)}
-    metrics_dir.mkdir(parents=True, exist_ok=True)
-    (metrics_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    with staged_folder(metrics_dir) as tmp:
+        write_json(tmp / "metrics.json", metrics)
     Console(stderr=True).print(f"filter: {json.dumps(metrics)}")

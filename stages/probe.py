@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from rich.console import Console
 
 from pipeline import runtime
-from pipeline.artifacts import open_artifact
+from pipeline.artifacts import open_artifact, staged_folder, write_json
 from pipeline.config import Params
 from pipeline.errors import DataError
 from pipeline.index import read_index
@@ -40,9 +39,9 @@ def run(params: Params, index_path: Path, features_path: Path, out: Path) -> dic
     val_gt = [ds.load_mask(ds.samples[int(i)]) for i in track(val, "probe: eval GT")]
     res = evaluate_probe(model, val_tokens, val_gt)
     metrics = {"probe": {"miou": round(float(res.miou), 4), "pixel_accuracy": round(float(res.pixel_accuracy), 4), "matching": res.method}}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    (out / "per_class.json").write_text(json.dumps(res.to_dict(ds.class_names), indent=2, sort_keys=True) + "\n")
+    with staged_folder(out) as tmp:
+        write_json(tmp / "metrics.json", metrics)
+        write_json(tmp / "per_class.json", res.to_dict(ds.class_names))
     Console(stderr=True).print(
         f"probe: {ds.name} {params.base.eval_split}: mIoU {res.miou:.1f}, pixel accuracy {res.pixel_accuracy:.1f} "
         f"(train loss {model.history[0]:.3f} -> {model.history[-1]:.3f})"

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from rich.console import Console
 from pipeline import __version__
 from pipeline import report as rep
 from pipeline import viz
-from pipeline.artifacts import RaggedReader, open_artifact, read_strings
+from pipeline.artifacts import RaggedReader, open_artifact, read_strings, staged_folder
 from pipeline.config import Params
 from pipeline.errors import DataError, UsegError
 from pipeline.index import ImageIndex, read_index
@@ -63,11 +62,7 @@ def run(
         raise DataError(f"{index_path}: image index not found (run `useg prepare` first)")
     _check_replaceable(out_dir)
     index = read_index(index_path)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staged_folder(out_dir) as tmp:
         per_class = _read_json(results_dir / "evaluate" / "per_class.json")
         sections = [
             metrics_section(results_dir, out_dir),
@@ -79,11 +74,6 @@ def run(
         ]
         page = rep.render_page(f"useg report: {index.dataset.name}", _meta(params, index, index_path), sections)
         (tmp / "index.html").write_text(page, encoding="utf-8")
-        _readable(tmp)
-        _swap_in(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     skipped = sum(bool(s.notes) for s in sections)
     Console(stderr=True).print(f"report: {out_dir / 'index.html'} ({len(sections)} sections, {skipped} with notes)")
     return out_dir / "index.html"
@@ -102,23 +92,6 @@ def _check_replaceable(out_dir: Path) -> None:
     is_report = page.is_file() and f'content="{rep.GENERATOR}"' in page.read_text(errors="replace")[:2000]
     if any(out_dir.iterdir()) and not is_report:
         raise UsegError(f"{out_dir}: folder is not empty and holds no earlier useg report: choose another --out")
-
-
-def _readable(folder: Path) -> None:
-    """Give the files the umask's usual mode (the viz writers' temporary files are 0600), so a web server can serve them."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in folder.iterdir():
-        path.chmod(0o666 & ~umask)
-
-
-def _swap_in(tmp: Path, out_dir: Path) -> None:
-    """Replace OUT_DIR with the finished folder (old report removed only after the rename)."""
-    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _stage_dirs(results_dir: Path, out_dir: Path) -> list[Path]:

@@ -21,7 +21,7 @@ from pipeline.index import read_index
 from pipeline.progress import track
 from pipeline.pseudo import segmenter_classes, training_target
 from pipeline.segmenter import build_deeplab, train_segmenter
-from pipeline.tracking import DVCLiveLogger
+from pipeline.tracking import training_curves
 
 
 def save_segmenter(model: torch.nn.Module, num_classes: int, params: Params, fingerprint: str, out: Path) -> None:
@@ -50,19 +50,18 @@ def run(params: Params, index_path: Path, pseudo_path: Path, weights_dir: Path, 
         labels = [training_target(reader[j], scene) for j in range(len(positions))]
     num_classes = segmenter_classes(k, scene)
     images = lambda j: ds.load_image(ds.samples[int(positions[j])])  # noqa: E731
-    live = DVCLiveLogger("results/segment") if dist.is_main() else None
-    model = train_segmenter(images, lambda j: labels[j], num_classes, cfg,
-                            backbone_weights=weights_dir / "mobilenet_v2_imagenet.pt", log=live,
-                            device=device, num_images=len(positions))
-    for r in range(params.crf.rounds):
-        imgs = [images(j) for j in range(len(positions))]
-        labels = list(track(crf_self_training_labels(model, imgs, params.crf, device=device),
-                            f"segment: CRF round {r + 1} labels", total=len(imgs)))
-        model = train_segmenter(images, lambda j: labels[j], num_classes, cfg, log=live, device=device,
-                                num_images=len(positions), model=model)
-    if not dist.is_main():  # rank 0 writes the curves and the checkpoint
+    with training_curves("results/segment") as live:
+        model = train_segmenter(images, lambda j: labels[j], num_classes, cfg,
+                                backbone_weights=weights_dir / "mobilenet_v2_imagenet.pt", log=live,
+                                device=device, num_images=len(positions))
+        for r in range(params.crf.rounds):
+            imgs = [images(j) for j in range(len(positions))]
+            labels = list(track(crf_self_training_labels(model, imgs, params.crf, device=device),
+                                f"segment: CRF round {r + 1} labels", total=len(imgs)))
+            model = train_segmenter(images, lambda j: labels[j], num_classes, cfg, log=live, device=device,
+                                    num_images=len(positions), model=model)
+    if not dist.is_main():  # rank 0 writes the checkpoint
         return
-    live.end()
     save_segmenter(model, num_classes, params, index.fingerprint, out)
     Console(stderr=True).print(f"segment: DeepLabv3-MobileNetV2 on {len(positions)} images, {num_classes} classes, "
                                f"{params.crf.rounds} CRF rounds -> {out}")

@@ -35,7 +35,7 @@ from pipeline.errors import ArtifactError, DataError, ParamsError
 from pipeline.features import preprocess
 from pipeline.index import ImageIndex, read_index
 from pipeline.progress import track
-from pipeline.tracking import DVCLiveLogger
+from pipeline.tracking import training_curves
 from pipeline.transfgu import (
     MaskTransformerDecoder,
     concept_cams,
@@ -164,10 +164,9 @@ def run_train(params: Params, index_path: Path, cams_path: Path, out: Path) -> N
         image = ds.load_image(ds.samples[int(positions[j])])
         return torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1).float() / 255.0, cams[j]
 
-    live = DVCLiveLogger("results/transfgu")
-    decoder = train_transfgu(tokens_fn, cams_fn, len(positions), cfg, vit.embed_dim, vit.patch_size,
-                             log=live, device=device)
-    live.end()
+    with training_curves("results/transfgu") as live:
+        decoder = train_transfgu(tokens_fn, cams_fn, len(positions), cfg, vit.embed_dim, vit.patch_size,
+                                 log=live, device=device)
     save_checkpoint({"state_dict": decoder.state_dict(), "config": dataclasses.asdict(cfg), "in_dim": vit.embed_dim,
                      "num_classes": decoder.num_classes, "scene_centric": scene,
                      "backbone": params.features.backbone, "backbone_checkpoint": params.features.checkpoint,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from pipeline.artifacts import staged_folder, write_json
 from pipeline.config import Params
 
 
@@ -14,6 +15,7 @@ def run(params: Params, out: Path) -> None:
     from pipeline.weights import build_weights
 
     cache = Path(params.weights.cache_dir).expanduser()
-    manifest = build_weights(out, cache)
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+    with staged_folder(out) as tmp:
+        manifest = build_weights(tmp, cache)
+        write_json(tmp / "manifest.json", manifest, default=str)
     Console(stderr=True).print(f"weights: {json.dumps(manifest, indent=1, sort_keys=True, default=str)}")

@@ -8,10 +8,12 @@ from pipeline.artifacts import (
     Provenance,
     RaggedReader,
     RaggedWriter,
+    atomic_file,
     create_dataset,
     file_md5,
     open_artifact,
     read_strings,
+    staged_folder,
     string_dataset,
     write_artifact,
 )
@@ -79,6 +81,42 @@ def test_failed_write_leaves_previous_artifact(tmp_path):
         with write_artifact(tmp_path / "new.h5", "useg.features", PROV):
             raise KeyboardInterrupt
     assert not (tmp_path / "new.h5").exists()
+
+
+def test_atomic_file_leaves_nothing_on_failure(tmp_path):
+    dest = tmp_path / "out.pt"
+    dest.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with atomic_file(dest) as f:
+            f.write(b"half")
+            raise RuntimeError("killed")
+    assert dest.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.pt"]
+    (tmp_path / ".out.pt.99999.tmp").write_bytes(b"left by a SIGKILL")
+    (tmp_path / ".out.pt.json.99999.tmp").write_bytes(b"another output's")
+    with atomic_file(dest) as f:
+        f.write(b"new")
+    assert dest.read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.pt.json.99999.tmp", "out.pt"]
+
+
+def test_staged_folder_replaces_whole_or_not_at_all(tmp_path):
+    dest = tmp_path / "results"
+    with staged_folder(dest) as d:
+        (d / "a.json").write_text("1")
+    assert [p.name for p in tmp_path.iterdir()] == ["results"]
+    with pytest.raises(KeyboardInterrupt):
+        with staged_folder(dest) as d:
+            (d / "b.json").write_text("half")
+            raise KeyboardInterrupt
+    assert [p.name for p in dest.iterdir()] == ["a.json"]
+    assert [p.name for p in tmp_path.iterdir()] == ["results"]
+    (tmp_path / ".results.99999.tmp").mkdir()  # left by a SIGKILL
+    (tmp_path / ".results.99998.old").mkdir()
+    with staged_folder(dest) as d:
+        (d / "b.json").write_text("2")
+    assert [p.name for p in dest.iterdir()] == ["b.json"]
+    assert [p.name for p in tmp_path.iterdir()] == ["results"]
 
 
 def test_info_command(tmp_path):

