@@ -125,14 +125,16 @@ def part_offset(n: int) -> int:
     return w.rank * n // w.size
 
 
-def wrap(model: torch.nn.Module, device: torch.device, sync_bn: bool = True) -> torch.nn.Module:
+def wrap(
+    model: torch.nn.Module, device: torch.device, sync_bn: bool = True, find_unused_parameters: bool = False
+) -> torch.nn.Module:
     """DistributedDataParallel around `model` with several ranks (SyncBatchNorm on CUDA); else `model`."""
     if world().size == 1:
         return model
     if sync_bn and device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ids = [device.index] if device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=False)
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused_parameters)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -148,6 +150,49 @@ def mean(value: float) -> float:
     t = torch.tensor([float(value)], dtype=torch.float64)
     td.all_reduce(t)
     return float(t.item()) / world().size
+
+
+def total(value: float) -> float:
+    """The sum of a number over the ranks."""
+    if world().size == 1:
+        return value
+    import torch.distributed as td
+
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    td.all_reduce(t)
+    return float(t.item())
+
+
+def sum_gradients(params: Sequence[torch.Tensor]) -> None:
+    """Add up the gradients of `params` over the ranks, in place (for models outside DDP)."""
+    if world().size == 1:
+        return
+    import torch.distributed as td
+
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        td.all_reduce(p.grad)
+
+
+def average_gradients(params: Sequence[torch.Tensor]) -> None:
+    """Average the gradients of `params` over the ranks, in place (what DDP does, for models outside it)."""
+    if world().size == 1:
+        return
+    sum_gradients(params)
+    for p in params:
+        p.grad.div_(world().size)
+
+
+def gather(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's tensor concatenated along dim 0 in rank order (no gradient; `t` itself with one process)."""
+    if world().size == 1:
+        return t
+    import torch.distributed as td
+
+    parts = [torch.empty_like(t) for _ in range(world().size)]
+    td.all_gather(parts, t.detach().contiguous())
+    return torch.cat(parts, 0)
 
 
 def barrier() -> None:

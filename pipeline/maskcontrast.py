@@ -37,6 +37,7 @@ from torch import nn
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from pipeline import dist
 from pipeline.errors import DataError, ParamsError, UsegError
 from pipeline.features import IMAGENET_MEAN, IMAGENET_STD, preprocess
 from pipeline.fields import opt
@@ -171,7 +172,8 @@ def key_prototypes(key_emb: torch.Tensor, key_mask: torch.Tensor) -> torch.Tenso
 
 
 def contrastive_logits(
-    query_emb: torch.Tensor, query_mask: torch.Tensor, prototypes: torch.Tensor, queue: torch.Tensor, temperature: float
+    query_emb: torch.Tensor, query_mask: torch.Tensor, prototypes: torch.Tensor, queue: torch.Tensor, temperature: float,
+    offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits of every salient query pixel against [batch prototypes, queue], and its target.
 
@@ -181,13 +183,15 @@ def contrastive_logits(
         prototypes: (B, D) key prototypes of the batch.
         queue: (Q, D) past prototypes (Q may be 0).
         temperature: Softmax temperature.
+        offset: Row of `prototypes` that belongs to the first query image (a DDP rank's
+            share of a batch whose prototypes were gathered from every rank).
 
     Returns:
         logits (M, B + Q) and targets (M,) = the image index of each of the M salient pixels.
     """
     d = query_emb.shape[1]
     pix = query_emb.permute(0, 2, 3, 1)[query_mask]  # (M, D), image-major order
-    target = torch.nonzero(query_mask)[:, 0]
+    target = torch.nonzero(query_mask)[:, 0] + offset
     bank = torch.cat([prototypes, queue.to(prototypes.dtype)], 0) if queue.numel() else prototypes
     logits = pix.reshape(-1, d) @ bank.t() / temperature
     return logits, target
@@ -322,16 +326,21 @@ def train_maskcontrast(
     optimizer = torch.optim.SGD(trainable, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     sampler = ViewSampler(cfg)
     batch_size = min(cfg.batch_size, num_images)
+    dist.check_divisible(batch_size, "contrast.batch_size", min_part=2)
+    net = dist.wrap(model, torch.device(device))
     per_epoch = num_images // batch_size
     total = cfg.epochs * per_epoch
     stats = _EpochStats()
     it = 0
+    # Every rank draws the views of the whole batch (one random stream, as one process would),
+    # then trains on its share; the key prototypes are gathered so that each pixel is
+    # classified against the prototypes of the whole batch and the queue.
     for epoch, views in _batches(load, num_images, batch_size, cfg.epochs, sampler, gen, stats, progress):
         lr = poly_lr(cfg.lr, it, total, cfg.poly_power)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        xq, mq, xk, mk = (v.to(device) for v in views)
-        q_emb, q_sal = model(xq)
+        xq, mq, xk, mk = (dist.part(v).to(device) for v in views)
+        q_emb, q_sal = net(xq)
         q_emb = F.normalize(q_emb, dim=1)
         with torch.no_grad():
             if key_model is not None:
@@ -339,8 +348,9 @@ def train_maskcontrast(
                 k_emb = key_model(xk)[0]
             else:
                 k_emb = model(xk)[0].detach()
-            protos = key_prototypes(F.normalize(k_emb, dim=1), mk)
-        logits, target = contrastive_logits(q_emb, mq, protos, queue.entries.to(device), cfg.temperature)
+            protos = dist.gather(key_prototypes(F.normalize(k_emb, dim=1), mk))
+        logits, target = contrastive_logits(q_emb, mq, protos, queue.entries.to(device), cfg.temperature,
+                                            offset=dist.part_offset(batch_size))
         l_con = contrastive_loss(logits, target)
         l_sal = balanced_bce(q_sal, mq)
         loss = l_con + l_sal
@@ -350,7 +360,7 @@ def train_maskcontrast(
         loss.backward()
         optimizer.step()
         queue.push(protos)
-        stats.add(loss.item(), l_con.item(), l_sal.item())
+        stats.add(dist.mean(loss.item()), dist.mean(l_con.item()), dist.mean(l_sal.item()))
         it += 1
         if it % per_epoch == 0 and log is not None:
             log({"epoch": epoch, "lr": lr, **stats.flush()})

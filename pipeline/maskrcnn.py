@@ -34,6 +34,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from pipeline import dist
 from pipeline.fields import opt
 from pipeline.errors import DataError, ParamsError, UsegError
 from pipeline.models.checkpoints import load_checkpoint_into
@@ -315,20 +316,27 @@ def train_maskrcnn(
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    rng = np.random.default_rng(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
-    per_epoch = math.ceil(len(usable) / cfg.batch_size)
+    ranks = dist.world().size
+    if ranks > 1:  # equal parts of full batches only: a rank with no image cannot join the gradient average
+        dist.check_divisible(cfg.batch_size, "distill.batch_size")
+    per_epoch = len(usable) // cfg.batch_size if ranks > 1 else math.ceil(len(usable) / cfg.batch_size)
     total = cfg.epochs * per_epoch
-    batches = iter_batches(len(usable), cfg.batch_size, cfg.epochs, generator)
+    batches = (b for b in iter_batches(len(usable), cfg.batch_size, cfg.epochs, generator)
+               if ranks == 1 or len(b[1]) == cfg.batch_size)
+    net = dist.wrap(model, torch.device(device), find_unused_parameters=True)
     sums: dict[str, float] = {}
     for it, (epoch, positions) in enumerate(track(batches, "distill (Mask R-CNN)", total=total, disable=not progress)):
         lr = lr_at(it, total, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        xs, ys = _detection_batch(images, targets, [usable[p] for p in positions], cfg.hflip, rng, device)
-        parts = _step(model, optimizer, params, xs, ys, cfg.clip_grad_norm, it)
+        first = dist.part_offset(len(positions))
+        mine = [usable[p] for p in dist.part(positions)]
+        rngs = [dist.item_rng(cfg.seed, it, first + k) for k in range(len(mine))]
+        xs, ys = _detection_batch(images, targets, mine, cfg.hflip, rngs, device)
+        parts = _step(net, optimizer, params, xs, ys, cfg.clip_grad_norm, it)
         for name, value in parts.items():
-            sums[name] = sums.get(name, 0.0) + value
+            sums[name] = sums.get(name, 0.0) + dist.mean(value)
         if (it + 1) % per_epoch == 0:
             record = {"epoch": epoch, **_mean_logs(sums, per_epoch), "lr": lr}
             record.update(images_used=len(usable), images_skipped=len(targets) - len(usable))
@@ -343,11 +351,11 @@ def _detection_batch(
     targets: Sequence[Sequence[MaskTarget]],
     indices: list[int],
     hflip: bool,
-    rng: np.random.Generator,
+    rngs: list[np.random.Generator],
     device: torch.device | str,
 ) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
     xs, ys = [], []
-    for i in indices:
+    for i, rng in zip(indices, rngs):
         image = item(images, i)
         flip = bool(hflip and rng.random() < 0.5)
         x = image_tensor(image)
@@ -358,7 +366,7 @@ def _detection_batch(
 
 
 def _step(
-    model: MaskRCNN,
+    model: nn.Module,
     optimizer: torch.optim.Optimizer,
     params: list[nn.Parameter],
     xs: list[torch.Tensor],

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline import dist
 from pipeline.metrics import IGNORE_INDEX, MatchResult, confusion_matrix, identity_match
 
 LOSS_TARGETS = ("upsampled", "token-majority")
@@ -220,13 +221,16 @@ def _fit(
             total, count = 0.0, 0
             for start in range(0, n, cfg.batch_size):
                 idx = order[start : start + cfg.batch_size]
-                logits = _grid_logits(x16[idx], mean, std, params[0], params[1], grid)
-                loss = _loss(logits, targets[idx])
+                mine = dist.part(idx)  # DDP: this rank's share; gradients summed over the ranks
+                logits = _grid_logits(x16[mine], mean, std, params[0], params[1], grid)
+                loss_sum, valid = _loss_sum(logits, targets[mine])
+                loss = loss_sum / max(1.0, dist.total(float(valid)))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                dist.sum_gradients(params)
                 opt.step()
                 sched.step()
-                total += float(loss.detach()) * len(idx)
+                total += dist.total(float(loss.detach())) * len(idx)
                 count += len(idx)
             history.append(total / count)
             if on_epoch is not None:
@@ -234,13 +238,12 @@ def _fit(
     return history
 
 
-def _loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over valid pixels, logits (B, C, h, w) resized to the target size."""
+def _loss_sum(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over the valid pixels and their count (0 for an empty batch)."""
     if logits.shape[-2:] != target.shape[-2:]:
         logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
     loss_sum = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum")
-    valid = (target != IGNORE_INDEX).sum().clamp(min=1)
-    return loss_sum / valid
+    return loss_sum, int((target != IGNORE_INDEX).sum())
 
 
 def _grid_logits(

@@ -51,6 +51,7 @@ from torch import nn
 from torchvision.ops import roi_align
 from torchvision.transforms import v2
 
+from pipeline import dist
 from pipeline.baseline import fit_kmeans, l2_normalize
 from pipeline.errors import DataError, ParamsError, UsegError
 from pipeline.features import IMAGENET_MEAN, IMAGENET_STD
@@ -778,6 +779,7 @@ def train_transfgu(
     optimizer = build_optimizer(decoder, cfg)
     photometric = _photometric() if cfg.photometric else None
     batch_size = min(cfg.batch_size, num_images)
+    dist.check_divisible(batch_size, "transfgu.batch_size")
     per_epoch = num_images // batch_size
     grid = cfg.train_size // patch_size
     mean, std = IMAGENET_MEAN.to(device), IMAGENET_STD.to(device)
@@ -816,7 +818,8 @@ def train_transfgu(
                     x, m = x.flip(-1), m.flip(-1)
                 xs.append(x)
                 ms.append(m)
-            x, cams_b = torch.stack(xs), torch.stack(ms)
+            # every rank draws the whole batch (one random stream) and trains on its share
+            x, cams_b = dist.part(torch.stack(xs)), dist.part(torch.stack(ms))
             with torch.no_grad():
                 tokens = tokens_fn(x).float()
             logits, class_emb = decoder(tokens, (grid, grid))
@@ -829,14 +832,16 @@ def train_transfgu(
             if not torch.isfinite(loss):
                 raise UsegError(f"transfgu: the loss became {loss.item()} at epoch {epoch}; lower transfgu.lr")
             optimizer.zero_grad(set_to_none=True)
-            if loss.item() > 0:
-                loss.backward()
+            if dist.total(loss.item()) > 0:  # the ranks step together
+                if loss.requires_grad:
+                    loss.backward()
+                dist.average_gradients(list(decoder.parameters()))
                 if cfg.grad_clip > 0:
                     nn.utils.clip_grad_value_(decoder.parameters(), cfg.grad_clip)
                 optimizer.step()
             else:
                 skipped += 1
-            sums += [loss.item(), losses["cat"].item(), losses["unc"].item(), losses["emb"].item()]
+            sums += [dist.mean(losses[name].item()) for name in ("loss", "cat", "unc", "emb")]
             steps += 1
             next(bar, None)
         if log is not None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from pipeline import runtime
+from pipeline import dist, runtime
 from pipeline.artifacts import RaggedReader, load_checkpoint, open_artifact, save_checkpoint
 from pipeline.config import Params
 from pipeline.errors import ArtifactError, DataError, ParamsError
@@ -83,6 +83,8 @@ def run(params: Params, index_path: Path, masks_path: Path, weights_dir: Path, o
     with training_curves("results/contrast") as live:
         model = train_maskcontrast(load, len(positions), cfg, backbone_weights=weights_dir / "mobilenet_v2_imagenet.pt",
                                    log=live, device=device, vit=vit)
+    if not dist.is_main():  # rank 0 writes the checkpoint
+        return
     save_contrast(model, cfg, index.fingerprint, out, params.features.backbone if vit is not None else None)
     Console(stderr=True).print(
         f"contrast: MaskContrast (DeepLabv3 on {params.features.backbone if vit is not None else 'MobileNetV2'}) on {len(positions)} images with a saliency mask, "

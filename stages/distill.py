@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from pipeline import runtime
+from pipeline import dist, runtime
 from pipeline.artifacts import RaggedReader, open_artifact, save_checkpoint
 from pipeline.config import Params
 from pipeline.index import read_index
@@ -44,6 +44,8 @@ def run(params: Params, index_path: Path, masks_path: Path, clusters_path: Path,
             lambda i: ds.load_image(ds.samples[int(positions[i])]), targets, cfg,
             backbone_weights=weights_dir / "mobilenet_v2_imagenet.pt", num_classes=k, log=live, device=device,
         )
+    if not dist.is_main():  # rank 0 writes the checkpoint
+        return
     state = {"state_dict": model.state_dict(), "num_clusters": k, "scene_centric": scene,
              "config": dataclasses.asdict(cfg), "dataset_fingerprint": index.fingerprint}
     save_checkpoint(state, out)

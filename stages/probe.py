@@ -6,7 +6,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from pipeline import runtime
+from pipeline import dist, runtime
 from pipeline.artifacts import open_artifact, staged_folder, write_json
 from pipeline.config import Params
 from pipeline.errors import DataError
@@ -36,6 +36,8 @@ def run(params: Params, index_path: Path, features_path: Path, out: Path) -> dic
     train_gt = [ds.load_mask(ds.samples[int(i)]) for i in track(train, "probe: train GT")]
     model = train_linear_probe(train_tokens, grid, train_gt, ds.num_classes, pcfg)
     del train_tokens, train_gt
+    if not dist.is_main():  # rank 0 evaluates and writes the metrics
+        return {}
     val_gt = [ds.load_mask(ds.samples[int(i)]) for i in track(val, "probe: eval GT")]
     res = evaluate_probe(model, val_tokens, val_gt)
     metrics = {"probe": {"miou": round(float(res.miou), 4), "pixel_accuracy": round(float(res.pixel_accuracy), 4), "matching": res.method}}

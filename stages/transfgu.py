@@ -167,6 +167,8 @@ def run_train(params: Params, index_path: Path, cams_path: Path, out: Path) -> N
     with training_curves("results/transfgu") as live:
         decoder = train_transfgu(tokens_fn, cams_fn, len(positions), cfg, vit.embed_dim, vit.patch_size,
                                  log=live, device=device)
+    if not dist.is_main():  # rank 0 writes the checkpoint
+        return
     save_checkpoint({"state_dict": decoder.state_dict(), "config": dataclasses.asdict(cfg), "in_dim": vit.embed_dim,
                      "num_classes": decoder.num_classes, "scene_centric": scene,
                      "backbone": params.features.backbone, "backbone_checkpoint": params.features.checkpoint,

@@ -5,7 +5,7 @@ artifact) and `contrast` (a training stage: checkpoint plus DVCLive curves). Eac
 once its write has begun (its temporary file or folder exists): with SIGKILL, nothing is
 written (or the previous complete output is byte-identical) and the next run removes the stale
 temporary file; with SIGINT (Ctrl-C), the stage exits with 130, says so and leaves nothing behind.
-The last test SIGKILLs `dvc repro` itself and checks that `dvc repro` then completes.
+`tests/test_pipeline_dvc.py` SIGKILLs `dvc repro` itself and checks that `dvc repro` then completes.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Callable
 import pytest
 import yaml
 
-from test_pipeline_dvc import repo_copy, sh, tiny_params
+from test_pipeline_dvc import sh
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -171,31 +171,3 @@ def test_sigkill_and_ctrl_c_leave_no_partial_output(work: Path, name: str) -> No
     assert "interrupted: no artifact was written" in err and "Traceback" not in err, err
     assert temp_files(work) == []
     assert snapshot(work, stage.outputs) == complete
-
-
-def test_dvc_repro_completes_after_sigkill(tmp_path: Path) -> None:
-    """SIGKILL `dvc repro features` (the whole process group) while features.h5 is written; repro again."""
-    repo = repo_copy(tmp_path / "repo")
-    tiny_params(repo)
-    p = yaml.safe_load((repo / "params.yaml").read_text())
-    p["features"].update(input_size=[224, 224], batch_size=4)  # a few seconds of writing
-    (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
-    sh(["git", "init", "-q"], repo)
-    sh(git + ["add", "-A"], repo)
-    sh(git + ["commit", "-qm", "tiny"], repo)
-    dvc = [str(Path(sys.executable).parent / "dvc")]
-    sh(dvc + ["repro", "prepare", "weights"], repo)
-
-    assert not list((repo / "artifacts").glob(".features.h5.*"))
-    proc = start(dvc + ["repro", "features"], repo)
-    rc, _ = stop_while_writing(proc, lambda: any((repo / "artifacts").glob(".features.h5.*.tmp.h5")), signal.SIGKILL)
-    assert rc == -signal.SIGKILL
-    assert not (repo / "artifacts/features.h5").exists()
-
-    out = sh(dvc + ["repro", "features"], repo)
-    assert "Running stage 'features'" in out, out
-    assert "had been killed. Auto removed it from the lock file" in out, out  # DVC clears the dead PID's rwlock
-    assert (repo / "artifacts/features.h5").is_file()
-    assert not list((repo / "artifacts").glob(".features.h5.*"))
-    assert "up to date" in sh(dvc + ["status", "features"], repo)

