@@ -71,7 +71,7 @@ def apply_whitening(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndar
     return l2_normalize((a - mean.astype(np.float64)) / std.astype(np.float64))
 
 
-def apply_whitening_rows(x: np.ndarray, mean: np.ndarray, std: np.ndarray, rows: int = 16384) -> np.ndarray:
+def apply_whitening_rows(x: np.ndarray, mean: np.ndarray, std: np.ndarray, rows: int = 4096) -> np.ndarray:
     """`apply_whitening` a block of rows at a time (every row is independent, so the result is
     the same), into one float32 array: no float64 copy of all of `x`."""
     out = np.empty(np.shape(x), dtype=np.float32)
