@@ -10,7 +10,7 @@ stage and N; the goal is a peak RSS that stays flat (and under 4 GB) as N grows.
     python bench/scale.py --counts 10000 30000 100000 [--checkpoint PATH] [--json out.json]
 
 The features artifact is large (float16 patch tokens and keys: N x P x 384 x 2 x 2 bytes,
-about 250 MB per 1000 images at the default 56x56 input); WORKDIR/N is deleted after each N
+about 25 MB per 1000 images at the default 56x56 input, 15 MB at 42x42); WORKDIR/N is deleted after each N
 unless --keep.
 """
 
