@@ -10,11 +10,13 @@ timestamps are stored, so identical inputs give byte-identical files.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import hashlib
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator, Sequence
@@ -165,8 +167,9 @@ class RaggedWriter:
         self.data = self.g.create_dataset(
             "data", shape=(0,), maxshape=(None,), dtype=dtype, chunks=(chunk,), track_times=False, **kw
         )
-        self.offsets = [0]
-        self.shapes: list[tuple[int, ...]] = []
+        # int64 arrays, not lists of Python ints and tuples: ~8 bytes per value, not ~40
+        self.offsets = array.array("q", [0])
+        self.shapes = array.array("q")
 
     def append(self, arr: np.ndarray) -> None:
         arr = np.ascontiguousarray(arr)
@@ -177,13 +180,52 @@ class RaggedWriter:
         self.data.resize((n1,))
         self.data[n0:n1] = arr.reshape(-1)
         self.offsets.append(n1)
-        self.shapes.append(arr.shape)
+        self.shapes.extend(arr.shape)
 
     def close(self) -> None:
         self.g.create_dataset("offsets", data=np.asarray(self.offsets, dtype=np.int64), track_times=False)
         self.g.create_dataset(
             "shapes", data=np.asarray(self.shapes, dtype=np.int64).reshape(-1, self.ndim), track_times=False
         )
+
+
+class RowSpool:
+    """Rows of one fixed shape appended to an unnamed temporary file, read back in blocks.
+
+    For a per-item array whose final HDF5 dataset needs its row count up front (a fixed-shape
+    chunked dataset): the rows wait on disk, not in RAM, and `write_to` copies them over in
+    whole chunks, which gives the same file bytes as one write of the whole array.
+    """
+
+    def __init__(self, shape: Sequence[int], dtype, folder: str | Path | None = None):
+        self.shape = tuple(int(v) for v in shape)
+        self.dtype = np.dtype(dtype)
+        self.row_bytes = int(np.prod(self.shape)) * self.dtype.itemsize
+        self.fh = tempfile.TemporaryFile(dir=folder)
+        self.n = 0
+
+    def append(self, row: np.ndarray) -> None:
+        a = np.ascontiguousarray(row, dtype=self.dtype)
+        if a.shape != self.shape:
+            raise ValueError(f"expected a row of shape {self.shape}, got {a.shape}")
+        self.fh.write(a.tobytes())
+        self.n += 1
+
+    def write_to(self, dset: h5py.Dataset, max_bytes: int = 64 << 20) -> None:
+        """Copy every row into `dset` (shape (n, *shape)) in blocks of whole chunks, then close."""
+        if dset.shape != (self.n, *self.shape):
+            raise ValueError(f"dataset shape {dset.shape} does not hold {self.n} rows of {self.shape}")
+        step = dset.chunks[0] if dset.chunks else 1
+        rows = max(step, max_bytes // max(1, self.row_bytes) // step * step)
+        self.fh.seek(0)
+        for start in range(0, self.n, rows):
+            k = min(rows, self.n - start)
+            block = np.frombuffer(self.fh.read(k * self.row_bytes), dtype=self.dtype)
+            dset[start : start + k] = block.reshape(k, *self.shape)
+        self.close()
+
+    def close(self) -> None:
+        self.fh.close()
 
 
 class RaggedReader:

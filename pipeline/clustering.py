@@ -6,9 +6,10 @@ of the image's patch tokens inside the mask (`pooled_embeddings`, no extra forwa
 Embeddings are whitened per dimension and L2-normalised, then clustered with spherical
 faiss K-means into `k * overcluster` pseudo-classes (MaskDistill's `utils/cluster.py`).
 
-Everything works on in-memory arrays; for a large dataset the stage fits the whitening
-and the centroids on a sample (`whiten`, `pipeline.baseline.fit_kmeans`) and assigns the
-rest chunk by chunk (`apply_whitening`, `assign_clusters`).
+Everything works on in-memory arrays. The embeddings of all masks (M x D float32, 150 MB
+for 100k masks of a ViT-S) are held, and one whitened float32 copy of them that K-means
+fits on; the float64 whitening runs on blocks of columns or rows (`whitening_stats`,
+`apply_whitening_rows`), never on a float64 copy of all of them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,29 @@ from typing import Sequence
 import numpy as np
 
 from pipeline.baseline import fit_kmeans, l2_normalize
+
+
+def whitening_stats(x: np.ndarray, eps: float = 1e-8, center: bool = False, block: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension mean (zeros unless `center`) and std of `whiten`, without a float64 copy of `x`.
+
+    The statistics are computed in float64 on blocks of about `block` columns, so the
+    temporaries are (M, block), not (M, D). numpy sums along the row axis in row order for
+    any number of columns, so the result is bit for bit that of the whole array.
+
+    Returns:
+        mean (D,) and std (D,), float32; dimensions whose std is below `eps` get std 1.
+    """
+    if np.ndim(x) != 2 or np.shape(x)[0] == 0:
+        raise ValueError(f"embeddings must be a non-empty (M, D) array, got shape {np.shape(x)}")
+    d = np.shape(x)[1]
+    means, stds = [], []
+    for cols in np.array_split(np.arange(d), max(1, d // block)):
+        a = np.asarray(x[:, cols[0] : cols[-1] + 1], dtype=np.float64)
+        means.append(a.mean(axis=0) if center else np.zeros(a.shape[1]))
+        stds.append(a.std(axis=0))
+    mean, std = np.concatenate(means), np.concatenate(stds)
+    std[std < eps] = 1.0
+    return mean.astype(np.float32), std.astype(np.float32)
 
 
 def whiten(x: np.ndarray, eps: float = 1e-8, center: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -37,20 +61,23 @@ def whiten(x: np.ndarray, eps: float = 1e-8, center: bool = False) -> tuple[np.n
         (xw, mean, std): xw (M, D) float32 unit rows; mean (D,) float32 (zeros when not
         centering) and std (D,) float32 such that `apply_whitening(x, mean, std) == xw`.
     """
-    a = np.asarray(x, dtype=np.float64)
-    if a.ndim != 2 or a.shape[0] == 0:
-        raise ValueError(f"embeddings must be a non-empty (M, D) array, got shape {a.shape}")
-    mean = a.mean(axis=0) if center else np.zeros(a.shape[1])
-    std = a.std(axis=0)
-    std[std < eps] = 1.0
-    mean, std = mean.astype(np.float32), std.astype(np.float32)
-    return apply_whitening(a, mean, std), mean, std
+    mean, std = whitening_stats(x, eps, center)
+    return apply_whitening_rows(x, mean, std), mean, std
 
 
 def apply_whitening(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     """(x - mean) / std, then rows scaled to unit L2 norm (float32), with stats from `whiten`."""
     a = np.asarray(x, dtype=np.float64)
     return l2_normalize((a - mean.astype(np.float64)) / std.astype(np.float64))
+
+
+def apply_whitening_rows(x: np.ndarray, mean: np.ndarray, std: np.ndarray, rows: int = 4096) -> np.ndarray:
+    """`apply_whitening` a block of rows at a time (every row is independent, so the result is
+    the same), into one float32 array: no float64 copy of all of `x`."""
+    out = np.empty(np.shape(x), dtype=np.float32)
+    for start in range(0, out.shape[0], rows):
+        out[start : start + rows] = apply_whitening(x[start : start + rows], mean, std)
+    return out
 
 
 def pooled_embeddings(patch_tokens: np.ndarray, masks_grid: Sequence[np.ndarray]) -> np.ndarray:

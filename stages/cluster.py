@@ -18,7 +18,7 @@ from pipeline import runtime
 from pipeline.artifacts import Provenance, open_artifact, write_artifact
 from pipeline.clustering import cluster_masks, crop_box_for_cls, pooled_embeddings
 from pipeline.config import Params
-from pipeline.errors import ParamsError
+from pipeline.errors import ArtifactError, ParamsError
 from pipeline.features import preprocess
 from pipeline.index import ImageIndex, read_index
 from pipeline.progress import track
@@ -73,14 +73,32 @@ def cls_crop_embeddings(params: Params, index: ImageIndex, masks, device: torch.
     return out
 
 
-def pooled(masks, feats) -> np.ndarray:
+def pooled(masks, feats, max_bytes: int = 64 << 20) -> np.ndarray:
+    """Mask-pooled patch tokens per mask, reading features.h5 and the grid masks a block of images at a time.
+
+    `mine` writes masks in image order; each block reads one slice of the patch tokens and
+    one slice of the grid masks, so neither is ever held for the whole dataset.
+    """
     pos = masks["image_index"][()]
     grids = masks["grid_masks"]
-    out = np.zeros((len(pos), feats["patch_tokens"].shape[2]), dtype=np.float32)
-    for p in track(np.unique(pos), "cluster: mask-pooled tokens"):
-        sel = np.flatnonzero(pos == p)
-        tok = feats["patch_tokens"][int(p)].astype(np.float32)
-        out[sel] = pooled_embeddings(tok, [grids[int(j)].astype(bool) for j in sel])
+    tokens = feats["patch_tokens"]
+    out = np.zeros((len(pos), tokens.shape[2]), dtype=np.float32)
+    if len(pos) == 0:
+        return out
+    if np.any(np.diff(pos) < 0):
+        raise ArtifactError(f"{masks.filename}: masks are not in image order (re-run its stage)")
+    images = max(1, max_bytes // (tokens.shape[1] * tokens.shape[2] * 4))
+    blocks = range(int(pos[0]), int(pos[-1]) + 1, images)
+    for p0 in track(blocks, "cluster: mask-pooled tokens"):
+        p1 = min(p0 + images, int(pos[-1]) + 1)
+        j0, j1 = np.searchsorted(pos, [p0, p1])
+        if j0 == j1:
+            continue
+        tok = tokens[p0:p1].astype(np.float32)
+        g = grids[j0:j1].astype(bool)
+        starts = np.flatnonzero(np.r_[True, pos[j0 + 1 : j1] != pos[j0 : j1 - 1]])
+        for a, b in zip(starts, np.r_[starts[1:], j1 - j0]):
+            out[j0 + a : j0 + b] = pooled_embeddings(tok[int(pos[j0 + a]) - p0], list(g[a:b]))
     return out
 
 

@@ -7,6 +7,7 @@ area under `mine.min_area`) are counted, never silently lost.
 
 from __future__ import annotations
 
+import array
 from pathlib import Path
 from typing import Iterator
 
@@ -15,7 +16,7 @@ from rich.console import Console
 from threadpoolctl import threadpool_limits
 
 from pipeline import dist, runtime
-from pipeline.artifacts import Provenance, RaggedWriter, create_dataset, open_artifact, write_artifact
+from pipeline.artifacts import Provenance, RaggedWriter, RowSpool, create_dataset, open_artifact, write_artifact
 from pipeline.config import Params
 from pipeline.errors import ParamsError
 from pipeline.index import read_index
@@ -104,6 +105,7 @@ def run(params: Params, index_path: Path, features_path: Path, weights_dir: Path
         section, params.section_json(section), index.fingerprint,
         {"index": str(index_path), "features": str(features_path)},
     )
+
     def compute(block) -> Iterator[tuple[int, list]]:
         """(position, proposals) per image of `block`."""
         with threadpool_limits(max(1, params.base.threads)):
@@ -117,34 +119,42 @@ def run(params: Params, index_path: Path, features_path: Path, weights_dir: Path
     if records is None:  # another rank writes the artifact
         feats.close()
         return
-    image_pos, scores, boxes, grids, dropped = [], [], [], [], []
+    # Per-mask records grow with the dataset, so they stay compact: int64/float64 arrays (8 bytes
+    # a value, not a Python object), grid masks spooled to a temporary file, full masks
+    # appended to masks.h5 as they come. Only the first dropped ids are kept, for the message.
+    image_pos, scores, boxes = array.array("q"), array.array("d"), array.array("q")
+    dropped, n_dropped = [], 0
     with write_artifact(out, SCHEMA, prov) as f:
         f.attrs["method"] = method
         f.attrs["grid"] = np.asarray(grid, dtype=np.int64)
         f.attrs["split"] = params.base.train_split
         f.attrs["scene_centric"] = method == "spectral"
         w = RaggedWriter(f, "masks", np.uint8, 2)
+        grids = RowSpool(grid, np.uint8, out.parent)
         for pos, found in records:
             s = index.dataset.samples[pos]
             if not found:
-                dropped.append(s.id)
+                n_dropped += 1
+                if len(dropped) < 5:
+                    dropped.append(s.id)
             for g, full, score in found:
                 w.append(full.astype(np.uint8))
                 image_pos.append(pos)
                 scores.append(score)
-                boxes.append(mask_box(full))
+                boxes.extend(mask_box(full))
                 grids.append(g)
         w.close()
         n = len(image_pos)
         f.create_dataset("image_index", data=np.asarray(image_pos, dtype=np.int64), track_times=False)
         f.create_dataset("score", data=np.asarray(scores, dtype=np.float32), track_times=False)
         f.create_dataset("box", data=np.asarray(boxes, dtype=np.int32).reshape(n, 4), track_times=False)
+        # `gd` stays open until the file closes, as the datasets above: closing it here would
+        # flush its chunks before those of masks/data and change the file's bytes.
         gd = create_dataset(f, "grid_masks", (n, *grid), np.uint8)
-        if n:
-            gd[...] = np.asarray(grids, dtype=np.uint8)
-        f.attrs["dropped_images"] = len(dropped)
+        grids.write_to(gd)
+        f.attrs["dropped_images"] = n_dropped
     feats.close()
     Console(stderr=True).print(
         f"mine: {n} masks from {len(train)} {params.base.train_split} images "
-        f"({len(dropped)} images without a proposal{': ' + ', '.join(dropped[:5]) if dropped else ''})"
+        f"({n_dropped} images without a proposal{': ' + ', '.join(dropped) if dropped else ''})"
     )

@@ -8,6 +8,7 @@ from pipeline.artifacts import (
     Provenance,
     RaggedReader,
     RaggedWriter,
+    RowSpool,
     atomic_file,
     create_dataset,
     file_md5,
@@ -50,6 +51,24 @@ def test_byte_identical(tmp_path):
     make(tmp_path / "a.h5")
     make(tmp_path / "b.h5")
     assert file_md5(tmp_path / "a.h5") == file_md5(tmp_path / "b.h5")
+
+
+def test_row_spool_writes_the_same_bytes_as_one_whole_write(tmp_path):
+    rows = np.random.default_rng(1).integers(0, 2, size=(1000, 64, 64)).astype(np.uint8)  # 64-row chunks
+    for name, spooled in (("whole.h5", False), ("spool.h5", True)):
+        with write_artifact(tmp_path / name, "useg.masks", PROV) as f:
+            d = create_dataset(f, "grid_masks", rows.shape, np.uint8)
+            if spooled:
+                spool = RowSpool(rows.shape[1:], np.uint8, tmp_path)
+                for r in rows:
+                    spool.append(r.astype(bool))
+                spool.write_to(d, max_bytes=3 * d.chunks[0] * 64 * 64 + 5)  # blocks of 3 chunks, the last one short
+                assert d.chunks[0] == 64
+            else:
+                d[...] = rows
+    assert file_md5(tmp_path / "whole.h5") == file_md5(tmp_path / "spool.h5")
+    with pytest.raises(ValueError, match="shape"):
+        RowSpool((6, 7), np.uint8).append(np.zeros((7, 6)))
 
 
 def test_wrong_schema_version_dataset(tmp_path):

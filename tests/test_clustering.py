@@ -12,6 +12,7 @@ from pipeline.clustering import (
     crop_box_for_cls,
     pooled_embeddings,
     whiten,
+    whitening_stats,
 )
 
 
@@ -33,6 +34,39 @@ def test_whiten_with_centering_subtracts_the_mean() -> None:
     np.testing.assert_allclose(mean, x.mean(axis=0), rtol=1e-6)
     z = (x - x.mean(axis=0)) / x.std(axis=0)
     np.testing.assert_allclose(xw, z / np.linalg.norm(z, axis=1, keepdims=True), rtol=1e-5)
+
+
+def test_whitening_in_blocks_is_bit_identical_to_whole_array_numpy() -> None:
+    rng = np.random.default_rng(3)
+    x = (rng.normal(size=(3001, 200)) * rng.uniform(0.1, 10, 200) + 5 * rng.normal(size=200)).astype(np.float32)
+    a = x.astype(np.float64)
+    for center in (False, True):
+        mean, std = whitening_stats(x, center=center, block=48)
+        assert np.array_equal(std, a.std(axis=0).astype(np.float32))
+        assert np.array_equal(mean, (a.mean(axis=0) if center else np.zeros(200)).astype(np.float32))
+        xw, _, _ = whiten(x, center=center)
+        assert np.array_equal(xw, apply_whitening(x, mean, std))
+
+
+def test_pooled_stage_reads_in_blocks_and_matches_per_image_pooling(tmp_path) -> None:
+    import h5py
+
+    from stages.cluster import pooled
+
+    rng = np.random.default_rng(0)
+    tokens = rng.normal(size=(9, 4, 3)).astype(np.float16)  # 9 images, 2x2 grid, D = 3
+    pos = np.array([0, 0, 2, 3, 3, 3, 7, 8])  # images 1, 4, 5, 6 have no mask
+    grids = rng.integers(0, 2, size=(len(pos), 2, 2)).astype(np.uint8)
+    grids[:, 0, 0] = 1
+    with h5py.File(tmp_path / "f.h5", "w") as feats, h5py.File(tmp_path / "m.h5", "w") as masks:
+        feats["patch_tokens"] = tokens
+        masks["image_index"] = pos
+        masks["grid_masks"] = grids
+        expected = np.concatenate([
+            pooled_embeddings(tokens[p].astype(np.float32), [g.astype(bool) for g in grids[pos == p]]) for p in np.unique(pos)
+        ])
+        for max_bytes in (1, 2 * 4 * 3 * 4, 1 << 20):  # one, two or all images per block
+            assert np.array_equal(pooled(masks, feats, max_bytes=max_bytes), expected)
 
 
 def test_pooled_embeddings_average_tokens_inside_masks() -> None:
