@@ -4,4 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 source .venv/bin/activate
-python -m pytest -q "$@"
+# two workers, one test file each at a time (module fixtures stay in one process): the
+# end-to-end DVC test runs beside the rest instead of after it
+python -m pytest -q -n 2 --dist loadfile "$@"
