@@ -35,10 +35,16 @@ def _env() -> dict[str, str]:
                 PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
 
 
+def _default_sigint() -> None:
+    # A process started with SIGINT ignored (as pytest-xdist workers run) passes that on, and
+    # Python then never raises KeyboardInterrupt: give the stage a terminal's default Ctrl-C.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(args: list[str], cwd: Path) -> subprocess.Popen:
     """Start a command in its own process group (so a kill reaches every process it started)."""
     return subprocess.Popen(args, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_default_sigint)
 
 
 def useg(args: list[str], cwd: Path) -> str:
