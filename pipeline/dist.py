@@ -16,7 +16,9 @@ process group: gloo on CPU, NCCL on CUDA (one GPU per local rank).
 - Inference stages (`sharded`) give each rank a contiguous block of the items, aligned to
   the batch size so every batch is the one a single process would run; each rank streams
   its records to a shard file next to the output, and rank 0 replays them in order
-  through the same writer, so the artifact is byte-identical to the one-process artifact.
+  through the same writer, so the artifact is byte-identical to the one-process artifact
+  when each rank uses the one-process run's thread count (`base.threads`): CPU kernels may
+  add up in another order with another number of threads.
 - Rank 0 alone writes artifacts, checkpoints, metrics and DVCLive logs.
 """
 
