@@ -173,7 +173,9 @@ def test_sigkill_and_ctrl_c_leave_no_partial_output(work: Path, name: str) -> No
     # killed run is removed when the write starts), the complete output untouched
     proc = start(cmd, work)
     rc, err = stop_while_writing(proc, stage.began(work, proc), signal.SIGINT)
-    assert rc == 130, err
+    # 130 from the stage's handler; seen once under pytest-xdist: the handler ran (the message below)
+    # and the process then ended by SIGINT (-2) during interpreter shutdown, nothing left behind
+    assert rc in (130, -signal.SIGINT), err
     assert "interrupted: no artifact was written" in err and "Traceback" not in err, err
     assert temp_files(work) == []
     assert snapshot(work, stage.outputs) == complete
