@@ -80,8 +80,7 @@ def write_artifact(path: str | Path, schema: str, prov: Provenance) -> Iterator[
     if schema not in SCHEMAS:
         raise ArtifactError(f"unknown artifact schema {schema!r}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with replace_atomically(path, suffix=".tmp.h5") as fh:
+    with replace_atomically(path, suffix=".tmp.h5") as fh:  # makes the folder too
         f = h5py.File(fh, "w", libver=("earliest", "v110"), track_order=False)
         try:
             attrs = f.attrs

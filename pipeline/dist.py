@@ -145,13 +145,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def mean(value: float) -> float:
     """The mean of a number over the ranks (the number itself with one process)."""
-    if world().size == 1:
-        return value
-    import torch.distributed as td
-
-    t = torch.tensor([float(value)], dtype=torch.float64)
-    td.all_reduce(t)
-    return float(t.item()) / world().size
+    return total(value) / world().size
 
 
 def total(value: float) -> float:
