@@ -19,6 +19,7 @@ import yaml
 
 from pipeline.errors import ParamsError
 from pipeline.fields import opt
+from pipeline.sections import CRFConfig, ContrastConfig, DistillConfig, SegmentConfig, TransFGUConfig
 
 DATASET_NAMES = ("synthetic", "camvid", "msrc_v2", "weizmann_horse", "voc2012", "folder", "cocostuff27", "cityscapes27")
 BACKBONE_NAMES = ("dinov2_vits14", "dino_vits16", "dino_vits8", "dino_vitb8", "dino_vitb16", "mobilenet_v2", "resnet50")
@@ -267,14 +268,6 @@ def section_dict(obj: Any) -> dict:
     """A plain dict of a config dataclass (for JSON provenance)."""
     return dataclasses.asdict(obj)
 
-
-# The training sections live beside their trainers (they use `opt` from this module), so they
-# are imported last: `typing.get_type_hints(Params)` resolves them when params are loaded.
-from pipeline.maskrcnn import DistillConfig  # noqa: E402
-from pipeline.segmenter import SegmentConfig  # noqa: E402
-from pipeline.crf import CRFConfig  # noqa: E402
-from pipeline.maskcontrast import ContrastConfig  # noqa: E402
-from pipeline.transfgu import TransFGUConfig  # noqa: E402
 
 
 @dataclass(frozen=True)

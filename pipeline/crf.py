@@ -20,20 +20,9 @@ import pydensecrf.densecrf as dcrf
 import torch
 from pydensecrf.utils import unary_from_softmax
 
+from pipeline.sections import CRFConfig  # noqa: F401  (the params section, torch-free; re-exported)
 from pipeline.fields import opt
 from pipeline.segmenter import predict_segmenter_batch
-
-
-@dataclass(frozen=True)
-class CRFConfig:
-    """Dense CRF settings (defaults: MaskContrast / MaskDistill)."""
-
-    iters: int = opt(10, min=1, max=1000)
-    gauss_sxy: float = opt(1.0, min=0.0)
-    gauss_compat: float = opt(3.0, min=0.0)
-    bilateral_sxy: float = opt(67.0, min=0.0)
-    bilateral_srgb: float = opt(3.0, min=0.0)
-    bilateral_compat: float = opt(4.0, min=0.0)
 
 
 def dense_crf_probs(

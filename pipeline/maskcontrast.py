@@ -38,6 +38,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from pipeline import dist
+from pipeline.sections import ContrastConfig  # noqa: F401  (the params section, torch-free; re-exported)
 from pipeline.errors import DataError, ParamsError, UsegError
 from pipeline.features import IMAGENET_MEAN, IMAGENET_STD, preprocess
 from pipeline.fields import opt
@@ -45,39 +46,6 @@ from pipeline.progress import track
 from pipeline.segmenter import ATROUS_RATES, DeepLabV3, build_deeplab, poly_lr
 
 EMBED_DIM = 32
-
-
-@dataclass(frozen=True)
-class ContrastConfig:
-    """Training of the MaskContrast model (the `contrast` params)."""
-
-    epochs: int = opt(10, min=1, max=10_000)
-    batch_size: int = opt(16, min=2, max=1024)
-    lr: float = opt(0.004, min=0.0, max=10.0)
-    momentum: float = opt(0.9, min=0.0, max=1.0)
-    weight_decay: float = opt(1e-4, min=0.0, max=1.0)
-    poly_power: float = opt(0.9, min=0.0, max=10.0)
-    crop_size: int = opt(224, min=16, max=4096)
-    min_scale: float = opt(0.2, min=0.01, max=1.0)
-    temperature: float = opt(0.5, min=1e-4, max=100.0)
-    queue_size: int = opt(128, min=0, max=1_000_000)
-    key_momentum: float = opt(0.999, min=0.0, max=1.0)
-    momentum_encoder: bool = opt(True)
-    views: bool = opt(True)
-    min_salient: float = opt(0.01, min=0.0, max=1.0)
-    max_salient: float = opt(0.99, min=0.0, max=1.0)
-    output_stride: int = opt(16, choices=(8, 16))
-    backbone: str = opt("mobilenet_v2", choices=("mobilenet_v2", "features"))
-    seed: int = opt(0, min=0)
-
-    def __post_init__(self) -> None:
-        if self.queue_size % self.batch_size:
-            raise ParamsError(
-                f"params key 'contrast.queue_size': {self.queue_size} is not a multiple of "
-                f"contrast.batch_size ({self.batch_size})"
-            )
-        if not self.min_salient < self.max_salient:
-            raise ParamsError("params key 'contrast.min_salient': must be below contrast.max_salient")
 
 
 class FrozenViTTrunk(nn.Module):

@@ -35,6 +35,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from pipeline import dist
+from pipeline.sections import DistillConfig  # noqa: F401  (the params section, torch-free; re-exported)
 from pipeline.fields import opt
 from pipeline.errors import DataError, ParamsError, UsegError
 from pipeline.models.checkpoints import load_checkpoint_into
@@ -162,39 +163,6 @@ def build_maskrcnn(
         mask_head=MaskRCNNHeads(fpn_channels, (fpn_channels,) * 4, 1),
         mask_predictor=MaskRCNNPredictor(fpn_channels, fpn_channels, num_classes + 1),
     )
-
-
-@dataclass(frozen=True)
-class DistillConfig:
-    """Training of the initial Mask R-CNN (the `distill` stage).
-
-    SGD with a linear warm-up, then the learning rate times 0.1 at each fraction of the
-    run in `lr_steps` (detectron2's 1x schedule decays at 2/3 and 8/9 of training).
-    """
-
-    epochs: int = opt(12, min=1, max=10_000)
-    batch_size: int = opt(4, min=1, max=1024)
-    lr: float = opt(0.01, min=0.0, max=10.0)
-    momentum: float = opt(0.9, min=0.0, max=1.0)
-    weight_decay: float = opt(1e-4, min=0.0, max=1.0)
-    warmup_iters: int = opt(50, min=0)
-    lr_steps: list = opt([0.667, 0.889])
-    min_size: int = opt(224, min=32, max=4096)
-    max_size: int = opt(448, min=32, max=8192)
-    trainable_layers: int = opt(3, min=0, max=6)
-    fpn_channels: int = opt(128, min=16, max=1024)
-    rois_per_image: int = opt(128, min=8, max=4096)
-    clip_grad_norm: float = opt(10.0, min=0.0)
-    hflip: bool = opt(True)
-    seed: int = opt(0, min=0)
-
-    def __post_init__(self) -> None:
-        if any(not isinstance(s, (int, float)) or isinstance(s, bool) or not 0 < s < 1 for s in self.lr_steps):
-            raise ParamsError(
-                f"params key 'distill.lr_steps': expected fractions of the run in (0, 1), got {self.lr_steps!r}"
-            )
-        if self.max_size < self.min_size:
-            raise ParamsError(f"params key 'distill.max_size': {self.max_size} is below min_size {self.min_size}")
 
 
 def maskrcnn_from_config(num_classes: int, cfg: DistillConfig, backbone_weights: Path | None = None) -> MaskRCNN:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
+from pipeline.sections import SegmentConfig  # noqa: F401  (the params section, torch-free; re-exported)
 from pipeline.fields import opt
 from pipeline.errors import DataError, ParamsError, UsegError
 from pipeline.features import preprocess
@@ -95,34 +96,6 @@ def build_deeplab(num_classes: int, backbone_weights: Path | None, output_stride
     features = mobilenet_v2_features(backbone_weights)[:18]
     dilate_mobilenet_v2(features, output_stride)
     return DeepLabV3(features, MOBILENET_V2_OUT_CHANNELS, num_classes, ATROUS_RATES[output_stride])
-
-
-@dataclass(frozen=True)
-class SegmentConfig:
-    """Training of the final segmenter (the `segment` stage)."""
-
-    epochs: int = opt(20, min=1, max=10_000)
-    batch_size: int = opt(8, min=2, max=1024)
-    lr: float = opt(0.01, min=0.0, max=10.0)
-    momentum: float = opt(0.9, min=0.0, max=1.0)
-    weight_decay: float = opt(1e-4, min=0.0, max=1.0)
-    poly_power: float = opt(0.9, min=0.0, max=10.0)
-    crop_size: int = opt(224, min=16, max=4096)
-    scale_range: list = opt([0.75, 1.25])
-    hflip: bool = opt(True)
-    ohem_fraction: float = opt(0.2, min=0.0, max=1.0)
-    output_stride: int = opt(16, choices=(8, 16))
-    seed: int = opt(0, min=0)
-
-    def __post_init__(self) -> None:
-        lo_hi = self.scale_range
-        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in lo_hi)
-        if len(lo_hi) != 2 or not numbers or not 0 < lo_hi[0] <= lo_hi[1]:
-            raise ParamsError(
-                f"params key 'segment.scale_range': expected [low, high] with 0 < low <= high, got {lo_hi!r}"
-            )
-        if self.ohem_fraction <= 0:
-            raise ParamsError("params key 'segment.ohem_fraction': must be in (0, 1]")
 
 
 def poly_lr(base_lr: float, iteration: int, total: int, power: float) -> float:

