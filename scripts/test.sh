@@ -4,6 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 source .venv/bin/activate
-# two workers, one test file each at a time (module fixtures stay in one process): the
-# end-to-end DVC test runs beside the rest instead of after it
-python -m pytest -q -n 2 --dist loadfile "$@"
+# two workers, one test file each at a time (module fixtures stay in one process), in the order
+# set by tests/conftest.py: the end-to-end DVC test starts first and runs beside all the rest
+python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder "$@"

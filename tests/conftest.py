@@ -1,0 +1,21 @@
+"""Test order for pytest-xdist (`-n 2 --dist loadfile --no-loadscope-reorder`, scripts/test.sh).
+
+xdist hands out whole files in collection order: the first file goes to worker 1, the next to
+worker 2, then each worker gets more as it runs low. The end-to-end DVC test is one test of ~10
+minutes, so it must start first and alone on its worker while the other worker takes the rest
+(test_dist.py, the next longest file, first); a tiny file is queued behind the end-to-end test.
+Without this, xdist's default order (files with the most tests first) starts the end-to-end test
+last and the suite takes its full length on top of everything else.
+"""
+
+from __future__ import annotations
+
+FIRST = ["test_pipeline_dvc.py", "test_dist.py", "test_runtime.py"]
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    def rank(item) -> int:
+        name = item.path.name
+        return FIRST.index(name) if name in FIRST else len(FIRST)
+
+    items.sort(key=rank)  # stable: the order within and among the other files is kept
