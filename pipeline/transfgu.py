@@ -473,9 +473,12 @@ def uncertainty_loss(logits: torch.Tensor, fg: torch.Tensor, skip_background: bo
             loss); False uses all channels (scene-centric).
 
     Returns:
-        Scalar; 0 (in the graph) when no pixel is foreground.
+        Scalar; 0 (in the graph) when no pixel is foreground, and when a single class is left
+        (one thing concept, e.g. Weizmann horses): its softmax is 1 everywhere, no doubt to penalise.
     """
     z = logits[:, 1:] if skip_background else logits
+    if z.shape[1] < 2:
+        return z.sum() * 0.0
     top = z.float().softmax(1).topk(2, dim=1)[0]
     margin = 1.0 - (top[:, 0] - top[:, 1])
     if not bool(fg.any()):

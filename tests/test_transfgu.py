@@ -271,6 +271,9 @@ def test_uncertainty_loss_by_hand_on_two_pixels() -> None:
     assert uncertainty_loss(logits, both).item() == pytest.approx(0.75, abs=1e-6)
     assert uncertainty_loss(logits, torch.tensor([[[True, False]]])).item() == pytest.approx(0.5, abs=1e-6)
     assert uncertainty_loss(logits, torch.tensor([[[False, False]]])).item() == 0.0
+    # One thing class (background + 1 channel, e.g. Weizmann horses): its softmax is 1, margin 0.
+    one = uncertainty_loss(logits[:, :2].requires_grad_(), both)
+    assert one.item() == 0.0 and one.requires_grad
     # All channels (scene-centric): pixel b is [1/3, 1/3, 1/3]-ish -> margin 1.
     p = logits.softmax(1)[0, :, 0, 0].sort(descending=True)[0]
     assert uncertainty_loss(logits, both, skip_background=False).item() == pytest.approx(
@@ -376,3 +379,19 @@ def test_train_transfgu_runs_bootstraps_and_is_deterministic() -> None:
     assert dec.num_classes == 3 and not dec.training
     assert [e["loss"] for e in runs[0][0]] == [e["loss"] for e in runs[1][0]]
     assert all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
+
+
+def test_train_transfgu_with_one_thing_concept() -> None:
+    """A two-class object-centric set (Weizmann horses) has one concept: background + 1 channel."""
+    vit = tiny_vit()
+
+    def cams_fn(j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(j)
+        return torch.rand(3, 32, 32, generator=g), torch.rand(1, 4, 4, generator=g)
+
+    cfg = TransFGUConfig(epochs=2, batch_size=2, train_size=16, d_model=24, decoder_heads=3, decoder_depth=1, bootstrap_start=1, bootstrap_every=[1])
+    logs: list[dict] = []
+    dec = train_transfgu(lambda x: vit(x).patch_tokens, cams_fn, 4, cfg, in_dim=DIM, patch_size=8, progress=False, log=logs.append)
+    assert dec.num_classes == 2
+    assert [e["teacher_updated"] for e in logs] == [False, True]
+    assert all(np.isfinite(e["loss"]) and e["unc"] == 0.0 and 0.0 <= e["emb"] <= 2.0 for e in logs)  # emb: background vs horse
