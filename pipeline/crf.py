@@ -12,7 +12,7 @@ Uses `pydensecrf2` (module `pydensecrf`), Philipp Krähenbühl's C++ code.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -21,7 +21,6 @@ import torch
 from pydensecrf.utils import unary_from_softmax
 
 from pipeline.sections import CRFConfig  # noqa: F401  (the params section, torch-free; re-exported)
-from pipeline.fields import opt
 from pipeline.segmenter import predict_segmenter_batch
 
 

@@ -26,7 +26,6 @@ What the official code does, and what this module does alike:
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -39,9 +38,8 @@ from torchvision.transforms import v2
 
 from pipeline import dist
 from pipeline.sections import ContrastConfig  # noqa: F401  (the params section, torch-free; re-exported)
-from pipeline.errors import DataError, ParamsError, UsegError
+from pipeline.errors import DataError, UsegError
 from pipeline.features import IMAGENET_MEAN, IMAGENET_STD, preprocess
-from pipeline.fields import opt
 from pipeline.progress import track
 from pipeline.segmenter import ATROUS_RATES, DeepLabV3, build_deeplab, poly_lr
 

@@ -17,7 +17,6 @@ Label maps from `filter_and_paste` use the same ids (0 = background, 1..K = clus
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence, Union
 
@@ -36,8 +35,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from pipeline import dist
 from pipeline.sections import DistillConfig  # noqa: F401  (the params section, torch-free; re-exported)
-from pipeline.fields import opt
-from pipeline.errors import DataError, ParamsError, UsegError
+from pipeline.errors import DataError, UsegError
 from pipeline.models.checkpoints import load_checkpoint_into
 from pipeline.progress import track
 

@@ -12,7 +12,6 @@ epoch 40 of 45).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -24,8 +23,7 @@ from torch import nn
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
 from pipeline.sections import SegmentConfig  # noqa: F401  (the params section, torch-free; re-exported)
-from pipeline.fields import opt
-from pipeline.errors import DataError, ParamsError, UsegError
+from pipeline.errors import DataError, UsegError
 from pipeline.features import preprocess
 from pipeline import dist
 from pipeline.losses import IGNORE_INDEX, ohem_cross_entropy

@@ -41,7 +41,6 @@ vector of length K*d).
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -56,7 +55,6 @@ from pipeline.sections import VOC_UPDATE_INTERVALS, TransFGUConfig  # noqa: F401
 from pipeline.baseline import fit_kmeans, l2_normalize
 from pipeline.errors import DataError, ParamsError, UsegError
 from pipeline.features import IMAGENET_MEAN, IMAGENET_STD
-from pipeline.fields import opt
 from pipeline.progress import track
 
 Window = tuple[int, int, int, int]

