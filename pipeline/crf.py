@@ -12,7 +12,7 @@ Uses `pydensecrf2` (module `pydensecrf`), Philipp Krähenbühl's C++ code.
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import fields
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -98,7 +98,8 @@ def crf_self_training_labels(
     Args:
         model: The current segmenter (`pipeline.segmenter`).
         images: uint8 RGB training images.
-        cfg: CRF settings.
+        cfg: CRF settings (a `CRFConfig`, or the `crf` params section, whose pipeline keys
+            `rounds` and `predict` are not kernel settings and are left out).
         size: Network input size, None = each image as is.
         batch_size: Images per forward pass.
         device: Where the model lives.
@@ -106,6 +107,7 @@ def crf_self_training_labels(
     Yields:
         One uint8 label map (H, W) per image, in order (no ignore pixels).
     """
+    kernel = {f.name: getattr(cfg, f.name) for f in fields(CRFConfig)}
     probs = predict_segmenter_batch(model, images, size, batch_size, device)
     for image, p in zip(images, probs):
-        yield dense_crf(image, p, **asdict(cfg))
+        yield dense_crf(image, p, **kernel)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.config import CRFSection
 from pipeline.crf import CRFConfig, crf_self_training_labels, dense_crf, dense_crf_probs
 from pipeline.segmenter import build_deeplab
 
@@ -61,6 +62,10 @@ def test_self_training_labels_one_map_per_image():
     maps = list(crf_self_training_labels(model, images, CRFConfig(iters=2), size=(32, 32)))
     assert [m.shape for m in maps] == [(40, 56), (32, 32)]
     assert all(m.dtype == np.uint8 and m.max() < 3 for m in maps)
+    # The stage passes the `crf` params section (kernel settings plus rounds/predict): same maps.
+    section = CRFSection(iters=2, rounds=1, predict=True)
+    again = list(crf_self_training_labels(model, images, section, size=(32, 32)))
+    assert all(np.array_equal(a, b) for a, b in zip(maps, again))
 
 
 def test_crf_accepts_a_read_only_image():
