@@ -136,6 +136,7 @@ class TransFGUConfig:
     fg_min: float = opt(0.5, min=0.0, max=1.0)
     bg_min: float = opt(0.8, min=0.0, max=1.0)
     scene_centric: bool = opt(False)
+    windows: str = opt("attention", choices=("attention", "all"))
     crop_size: int = opt(224, min=8, max=4096)
     concept_images: int = opt(0, min=0, max=100_000_000)
     input_size: list = opt([])
@@ -194,5 +195,11 @@ class TransFGUConfig:
         size = self.input_size
         if size and (len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 8 for v in size)):
             raise ParamsError(f"params key 'transfgu.input_size': expected [] or [height, width] integers >= 8, got {size!r}")
+        if self.windows == "all" and not self.scene_centric:
+            raise ParamsError("params key 'transfgu.windows': 'all' (every window, no attention filter) needs "
+                              "transfgu.scene_centric: true (no background class)")
+        if self.windows == "all" and self.num_stuff:
+            raise ParamsError("params key 'transfgu.num_stuff': transfgu.windows 'all' clusters every window into "
+                              f"one set of concepts, so num_stuff must be 0 (got {self.num_stuff})")
         if self.cam_mass <= 0:
             raise ParamsError("params key 'transfgu.cam_mass': must be in (0, 1]")

@@ -116,6 +116,7 @@ def select_windows(
     fg_min: float = 0.5,
     bg_min: float = 0.8,
     scene_centric: bool = False,
+    every_window: bool = False,
 ) -> tuple[list[Window], list[Window]]:
     """Thing windows (foreground share > fg_min) and, when scene-centric, stuff windows
     (background share > bg_min); stuff is empty otherwise.
@@ -123,7 +124,11 @@ def select_windows(
     Args:
         fg: bool (h, w) foreground of the token grid.
         windows: (y0, x0, y1, x1) windows in patch units.
+        every_window: Every window is a concept crop, no attention filter, no stuff list
+            (the official Cityscapes recipe, `cityscapes_crop.py`).
     """
+    if every_window:
+        return list(windows), []
     fg = np.asarray(fg.cpu() if isinstance(fg, torch.Tensor) else fg, dtype=bool)
     things: list[Window] = []
     stuff: list[Window] = []
@@ -178,7 +183,12 @@ def window_embeddings(backbone: nn.Module, x: torch.Tensor, cfg: TransFGUConfig)
     grid = out.grid
     fg = foreground_map(out.cls_attn[0], grid)
     things, stuff = select_windows(
-        fg, sliding_windows(grid[0], grid[1], cfg.window_fractions), cfg.fg_min, cfg.bg_min, cfg.scene_centric
+        fg,
+        sliding_windows(grid[0], grid[1], cfg.window_fractions),
+        cfg.fg_min,
+        cfg.bg_min,
+        cfg.scene_centric,
+        every_window=cfg.windows == "all",
     )
     dim = out.cls.shape[-1]
 

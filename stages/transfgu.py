@@ -63,12 +63,15 @@ def input_size(params: Params, patch: int) -> tuple[int, int]:
 
 
 def concept_counts(params: Params, num_classes: int) -> tuple[int, int]:
-    """(things, stuff) concept counts: from params, or C - 1 things (object-centric)."""
+    """(things, stuff) concept counts: from params, C - 1 things (object-centric), or C concepts
+    from every window (`transfgu.windows: all`)."""
     cfg = params.transfgu
+    if cfg.scene_centric and cfg.windows == "all":
+        return (cfg.num_things or num_classes), 0  # every window, one K-means (the official Cityscapes recipe)
     if cfg.scene_centric:
         if cfg.num_things < 1 or cfg.num_stuff < 1:
             raise ParamsError("params key 'transfgu.num_things': scene_centric needs num_things and num_stuff >= 1 "
-                              "(their sum is the number of classes)")
+                              "(their sum is the number of classes), or transfgu.windows 'all'")
         return cfg.num_things, cfg.num_stuff
     return (cfg.num_things or num_classes - 1), 0
 

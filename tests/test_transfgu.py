@@ -76,6 +76,28 @@ def test_config_defaults_and_bad_values() -> None:
         build_section(TransFGUConfig, {"fg_min": 1.5}, "transfgu")
     with pytest.raises(ParamsError, match="transfgu.scene_centric"):
         build_section(TransFGUConfig, {"scene_centric": "yes"}, "transfgu")
+    with pytest.raises(ParamsError, match="transfgu.windows"):
+        build_section(TransFGUConfig, {"windows": "some"}, "transfgu")
+    with pytest.raises(ParamsError, match="transfgu.windows"):  # every window needs the no-background set-up
+        TransFGUConfig(windows="all")
+    with pytest.raises(ParamsError, match="transfgu.num_stuff"):
+        TransFGUConfig(windows="all", scene_centric=True, num_things=5, num_stuff=6)
+
+
+def test_concept_counts_per_recipe() -> None:
+    from types import SimpleNamespace
+
+    from stages.transfgu import concept_counts
+
+    def counts(**kw):
+        return concept_counts(SimpleNamespace(transfgu=TransFGUConfig(**kw)), 11)
+
+    assert counts() == (10, 0)  # object-centric: the foreground classes
+    assert counts(scene_centric=True, num_things=5, num_stuff=6) == (5, 6)
+    assert counts(scene_centric=True, windows="all") == (11, 0)  # every window: all the classes
+    assert counts(scene_centric=True, windows="all", num_things=7) == (7, 0)
+    with pytest.raises(ParamsError, match="num_stuff >= 1"):
+        counts(scene_centric=True, num_things=5)
 
 
 # ---------------------------------------------------------------------- concept discovery
@@ -127,6 +149,8 @@ def test_select_windows_on_a_hand_made_foreground() -> None:
     assert stuff == [(3, 3, 8, 8), (4, 4, 8, 8)]
     things2, stuff2 = select_windows(torch.from_numpy(fg), windows, scene_centric=False)
     assert things2 == things and stuff2 == []
+    # The official Cityscapes recipe: every window, whatever the attention says, and no stuff list.
+    assert select_windows(fg, windows, scene_centric=True, every_window=True) == (windows, [])
 
 
 def test_crop_for_window_slices_patches_and_resizes() -> None:
@@ -143,6 +167,10 @@ def test_window_embeddings_and_discover_concepts() -> None:
     torch.manual_seed(3)
     things, stuff = window_embeddings(vit, torch.randn(1, 3, 32, 32), TransFGUConfig(crop_size=16, scene_centric=True))
     assert things.shape[1] == DIM and stuff.shape[1] == DIM and things.shape[0] + stuff.shape[0] > 0
+    every, none = window_embeddings(
+        vit, torch.randn(1, 3, 32, 32), TransFGUConfig(crop_size=16, scene_centric=True, windows="all")
+    )
+    assert every.shape == (len(sliding_windows(4, 4)), DIM) and none.shape == (0, DIM)
     # Two tight bundles of directions: spherical K-means finds both.
     rng = np.random.default_rng(0)
     a, b = np.eye(8)[0], np.eye(8)[1]
