@@ -12,7 +12,6 @@ Uses `pydensecrf2` (module `pydensecrf`), Philipp Krähenbühl's C++ code.
 
 from __future__ import annotations
 
-from dataclasses import fields
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -85,6 +84,13 @@ def dense_crf(
     return q.argmax(0).astype(np.uint8)
 
 
+def crf_labels(image: np.ndarray, probs: np.ndarray, cfg: CRFConfig) -> np.ndarray:
+    """`dense_crf` with the kernel settings of `cfg`: a `CRFConfig`, or the `crf` params
+    section, whose pipeline keys (`rounds`, `predict`) are not passed on."""
+    return dense_crf(image, probs, cfg.iters, cfg.gauss_sxy, cfg.gauss_compat,
+                     cfg.bilateral_sxy, cfg.bilateral_srgb, cfg.bilateral_compat)
+
+
 def crf_self_training_labels(
     model: torch.nn.Module,
     images: Sequence[np.ndarray],
@@ -98,8 +104,7 @@ def crf_self_training_labels(
     Args:
         model: The current segmenter (`pipeline.segmenter`).
         images: uint8 RGB training images.
-        cfg: CRF settings (a `CRFConfig`, or the `crf` params section, whose pipeline keys
-            `rounds` and `predict` are not kernel settings and are left out).
+        cfg: CRF settings (a `CRFConfig` or the `crf` params section; see `crf_labels`).
         size: Network input size, None = each image as is.
         batch_size: Images per forward pass.
         device: Where the model lives.
@@ -107,7 +112,6 @@ def crf_self_training_labels(
     Yields:
         One uint8 label map (H, W) per image, in order (no ignore pixels).
     """
-    kernel = {f.name: getattr(cfg, f.name) for f in fields(CRFConfig)}
     probs = predict_segmenter_batch(model, images, size, batch_size, device)
     for image, p in zip(images, probs):
-        yield dense_crf(image, p, **kernel)
+        yield crf_labels(image, p, cfg)

@@ -12,7 +12,7 @@ from rich.console import Console
 from pipeline import dist, runtime
 from pipeline.artifacts import Provenance, write_predictions
 from pipeline.config import Params
-from pipeline.crf import dense_crf
+from pipeline.crf import crf_labels
 from pipeline.index import read_index
 from pipeline.progress import track
 from pipeline.segmenter import predict_segmenter
@@ -39,8 +39,7 @@ def run(params: Params, index_path: Path, model_path: Path, out: Path, name: str
                 probs = predict_segmenter(model, image, device=device)
             rec = {name: probs.argmax(0).astype(np.uint16)}
             if crf.predict:
-                rec[f"{name}_crf"] = dense_crf(image, probs, crf.iters, crf.gauss_sxy, crf.gauss_compat,
-                                               crf.bilateral_sxy, crf.bilateral_srgb, crf.bilateral_compat).astype(np.uint16)
+                rec[f"{name}_crf"] = crf_labels(image, probs, crf).astype(np.uint16)
             yield rec
 
     records = dist.sharded(eval_pos, compute, out)

@@ -28,7 +28,7 @@ from PIL import Image
 
 from pipeline import runtime
 from pipeline.config import Params
-from pipeline.crf import CRFConfig, dense_crf
+from pipeline.crf import crf_labels
 from pipeline.data.base import read_rgb
 from pipeline.errors import DataError, UsegError
 from pipeline.progress import track
@@ -347,17 +347,12 @@ def run(
             if probs is None:
                 failures.append(Failure(paths[i], image))
                 continue
-            labels = _crf_labels(image, probs, params.crf) if crf else probs.argmax(0)
+            labels = crf_labels(image, probs, params.crf) if crf else probs.argmax(0)
             write_outputs(image, labels, out, names[i], num_classes)
     seconds = time.perf_counter() - start
     report = SegmentReport(len(paths) - len(failures), failures, seconds)
     _print_report(report, out)
     return report
-
-
-def _crf_labels(image: np.ndarray, probs: np.ndarray, cfg: CRFConfig) -> np.ndarray:
-    return dense_crf(image, probs, cfg.iters, cfg.gauss_sxy, cfg.gauss_compat,
-                     cfg.bilateral_sxy, cfg.bilateral_srgb, cfg.bilateral_compat)
 
 
 def _print_report(report: SegmentReport, out: Path) -> None:

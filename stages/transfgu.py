@@ -66,7 +66,7 @@ def concept_counts(params: Params, num_classes: int) -> tuple[int, int]:
     """(things, stuff) concept counts: from params, C - 1 things (object-centric), or C concepts
     from every window (`transfgu.windows: all`)."""
     cfg = params.transfgu
-    if cfg.scene_centric and cfg.windows == "all":
+    if cfg.windows == "all":  # implies scene_centric (checked when params load)
         return (cfg.num_things or num_classes), 0  # every window, one K-means (the official Cityscapes recipe)
     if cfg.scene_centric:
         if cfg.num_things < 1 or cfg.num_stuff < 1:
