@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -83,11 +84,56 @@ def temp_sibling(dest: Path, suffix: str = ".tmp") -> Path:
     return dest.with_name(f".{dest.name}.{os.getpid()}{suffix}")
 
 
+#: Set by the SIGINT handler of `guard_interrupts`; never reset within a process.
+_interrupted = False
+
+
+def _on_sigint(signum, frame) -> None:
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
+
+
+def _unraisable(hook):
+    def quiet(unraisable) -> None:
+        if not (_interrupted and issubclass(unraisable.exc_type, KeyboardInterrupt)):
+            hook(unraisable)
+
+    return quiet
+
+
+def guard_interrupts() -> None:
+    """Record every Ctrl-C, so that an interrupt Python swallows still stops the next commit.
+
+    Python raises the KeyboardInterrupt wherever the main thread is when SIGINT arrives; in a
+    destructor or a weakref callback (garbage collection) it is printed as "Exception
+    ignored" and the program runs on, so a stage could finish and commit its output after
+    the user pressed Ctrl-C. Here the handler also sets a flag that `signals_blocked` (the
+    commit point of every atomic write) and `raise_if_interrupted` check, and the swallowed
+    KeyboardInterrupt is not printed. Call from the main thread; a no-op where SIGINT has a
+    handler other than Python's default.
+    """
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_sigint)
+        sys.unraisablehook = _unraisable(sys.unraisablehook)
+
+
+def raise_if_interrupted() -> None:
+    """Raise KeyboardInterrupt if a Ctrl-C was recorded, even one whose exception was swallowed."""
+    if _interrupted:
+        raise KeyboardInterrupt
+
+
 @contextlib.contextmanager
 def signals_blocked() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM back while an output is renamed into place."""
+    """Hold SIGINT and SIGTERM back while an output is renamed into place.
+
+    A Ctrl-C recorded before (see `guard_interrupts`) raises KeyboardInterrupt here instead,
+    so nothing is committed after one.
+    """
     old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
+        raise_if_interrupted()
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)

@@ -31,12 +31,16 @@ FeaturesOpt = Annotated[Path, typer.Option("--features", help="features.h5 writt
 
 
 def user_errors(fn: Callable) -> Callable:
-    """Turn `UsegError` into one line on stderr and exit code 2."""
+    """Turn `UsegError` into one line on stderr and exit code 2, Ctrl-C into one line and 130."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from pipeline import atomic
+
+        atomic.guard_interrupts()
         try:
             result = fn(*args, **kwargs)
+            atomic.raise_if_interrupted()  # a Ctrl-C whose exception was swallowed still counts
             if "WORLD_SIZE" in os.environ:
                 from pipeline import dist
 

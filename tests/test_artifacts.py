@@ -1,5 +1,10 @@
 """HDF5 artifacts: schema checks, ragged data, atomic and byte-identical writes."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -136,6 +141,52 @@ def test_staged_folder_replaces_whole_or_not_at_all(tmp_path):
         (d / "b.json").write_text("2")
     assert [p.name for p in dest.iterdir()] == ["b.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["results"]
+
+
+_SWALLOWED_CTRL_C = """
+import os, signal, sys
+from pathlib import Path
+from pipeline import atomic
+from pipeline.artifacts import atomic_file, staged_folder
+# Python's own Ctrl-C handler, as a terminal starts it (pytest-xdist workers pass SIGINT on ignored)
+signal.signal(signal.SIGINT, signal.default_int_handler)
+if sys.argv[1] == "guard":
+    atomic.guard_interrupts()
+
+class Collected:
+    def __del__(self):  # Python prints an exception raised here as "Exception ignored" and runs on
+        os.kill(os.getpid(), signal.SIGINT)
+        sum(range(100))
+
+Collected()
+print("ran on")
+out = Path(sys.argv[2])
+for write in (lambda: atomic_file(out / "model.pt"), lambda: staged_folder(out / "curves")):
+    try:
+        with write() as f:
+            pass
+    except KeyboardInterrupt:
+        print("refused")
+print(sorted(p.name for p in out.iterdir()))
+"""
+
+
+@pytest.mark.parametrize("guard", [True, False])
+def test_a_swallowed_ctrl_c_still_stops_the_commit(tmp_path, guard):
+    """SIGINT landing in a destructor: Python swallows the KeyboardInterrupt; the recorded interrupt
+    must still stop every later commit (and not print a traceback). Without the guard the output appears."""
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    run = subprocess.run([sys.executable, "-c", _SWALLOWED_CTRL_C, "guard" if guard else "none", str(tmp_path)],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0] == "ran on"
+    if guard:
+        assert lines[1:] == ["refused", "refused", "[]"], run.stdout
+        assert "Traceback" not in run.stderr, run.stderr
+    else:  # what a stage did before: the interrupt is lost and both outputs are committed
+        assert lines[1:] == ["['curves', 'model.pt']"], run.stdout
+        assert "KeyboardInterrupt" in run.stderr
 
 
 def test_info_command(tmp_path):
