@@ -395,6 +395,25 @@ def iter_probe_predictions(
     Yields:
         (H_i, W_i) label maps, uint8 when C <= 255.
     """
+    out_dtype = np.uint8 if model.num_classes <= 255 else np.int64
+    for up in _iter_upsampled_logits(model, tokens, sizes, batch_size):
+        yield up.argmax(0).cpu().numpy().astype(out_dtype)
+
+
+def iter_probe_probs(
+    model: ProbeModel, tokens: TokenArray, sizes: Sequence[tuple[int, int]], batch_size: int = 16
+) -> Iterator[np.ndarray]:
+    """Yield (C, H_i, W_i) float32 softmax probabilities per image (logits upsampled bilinearly
+    from the grid to the original size, as for the label maps); arguments as for
+    :func:`iter_probe_predictions`. Used where a dense CRF refines the prediction."""
+    for up in _iter_upsampled_logits(model, tokens, sizes, batch_size):
+        yield up.softmax(0).cpu().numpy().astype(np.float32)
+
+
+def _iter_upsampled_logits(
+    model: ProbeModel, tokens: TokenArray, sizes: Sequence[tuple[int, int]], batch_size: int
+) -> Iterator[torch.Tensor]:
+    """(C, H_i, W_i) logits per image, bilinearly upsampled from the token grid."""
     shape = tuple(tokens.shape)
     dim = model.weight.shape[1]
     if len(shape) != 3 or shape[1] != model.grid[0] * model.grid[1] or shape[2] != dim:
@@ -404,19 +423,13 @@ def iter_probe_predictions(
     device = torch.device(model.config.device)
     arrays = (model.weight, model.bias, model.mean, model.std)
     weight, bias, mean, std = (torch.from_numpy(a).to(device) for a in arrays)
-    out_dtype = np.uint8 if model.num_classes <= 255 else np.int64
     with torch.no_grad():
         for start in range(0, shape[0], batch_size):
             x16 = torch.from_numpy(np.asarray(tokens[start : start + batch_size], dtype=np.float16)).to(device)
             logits = _grid_logits(x16, mean, std, weight, bias, model.grid)
             for k in range(logits.shape[0]):
-                yield _upsampled_argmax(logits[k], sizes[start + k]).astype(out_dtype)
-
-
-def _upsampled_argmax(logits: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """Bilinearly upsample (C, h, w) logits to ``size`` = (H, W) and take the argmax."""
-    up = F.interpolate(logits[None], size=(int(size[0]), int(size[1])), mode="bilinear", align_corners=False)
-    return up[0].argmax(0).cpu().numpy()
+                size = (int(sizes[start + k][0]), int(sizes[start + k][1]))
+                yield F.interpolate(logits[k][None], size=size, mode="bilinear", align_corners=False)[0]
 
 
 def predict_probe(

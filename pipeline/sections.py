@@ -69,6 +69,7 @@ class SegmentConfig:
     hflip: bool = opt(True)
     ohem_fraction: float = opt(0.2, min=0.0, max=1.0)
     output_stride: int = opt(16, choices=(8, 16))
+    model: str = opt("deeplabv3", choices=("deeplabv3", "token_head"))
     seed: int = opt(0, min=0)
 
     def __post_init__(self) -> None:

@@ -282,17 +282,19 @@ def train_segmenter(
     index: IndexOpt = Path("artifacts/index.h5"),
     pseudolabels: Annotated[Path, typer.Option(help="pseudolabels.h5 from `useg filter`.")] = Path("artifacts/pseudolabels.h5"),
     weights: WeightsDirOpt = Path("models/weights"),
+    features: Annotated[Path, typer.Option(help="features.h5 from `useg features` (read by `segment.model: token_head` only).")] = Path("artifacts/features.h5"),
     out: Annotated[Path, typer.Option(help="Segmenter checkpoint to write.")] = Path("models/segmenter.pt"),
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
-    """Train the final segmenter (DeepLabv3, MobileNetV2) on the pseudo-labels (`segment`, `crf` params).
+    """Train the final segmenter on the pseudo-labels (`segment`, `crf` params; `probe` params for a token head).
 
-    Reads the index, pseudolabels.h5 and the MobileNetV2 weights; writes OUT and curves to results/segment.
+    `segment.model`: deeplabv3 (DeepLabv3-MobileNetV2 on the images, reads the MobileNetV2 weights) or
+    token_head (a linear head on the frozen patch tokens of FEATURES). Writes OUT and curves to results/segment.
     """
     p = _ranked_params(params)
     from stages import segment as stage
 
-    stage.run(p, index, pseudolabels, weights, out)
+    stage.run(p, index, pseudolabels, weights, out, features)
 
 
 @app.command()
@@ -415,17 +417,18 @@ def transfgu_predict(
 def predict(
     index: IndexOpt = Path("artifacts/index.h5"),
     model: Annotated[Path, typer.Option(help="Segmenter from `useg train-segmenter`.")] = Path("models/segmenter.pt"),
+    features: Annotated[Path, typer.Option(help="features.h5 the token head was trained on (read for a token head only).")] = Path("artifacts/features.h5"),
     out: Annotated[Path, typer.Option(help="Predictions artifact to write.")] = Path("artifacts/predictions/maskdistill.h5"),
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Label the eval split with the final segmenter at original resolution (+ dense CRF when `crf.predict`).
 
-    Reads the index and the segmenter; writes OUT (schema useg.predictions).
+    Reads the index and the segmenter (a token head also reads FEATURES); writes OUT (schema useg.predictions).
     """
     p = _ranked_params(params)
     from stages import predict as stage
 
-    stage.run(p, index, model, out)
+    stage.run(p, index, model, out, features_path=features)
 
 
 @app.command()

@@ -55,12 +55,16 @@ class Method:
 
 
 def _load_maskdistill(path: Path) -> tuple[torch.nn.Module, dict]:
-    from stages.segment import load_segmenter
+    from stages.segment import is_token_head, load_segmenter
 
     try:
-        return load_segmenter(path, None)
+        model, state = load_segmenter(path, None)
     except (RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as e:
         raise UsegError(f"{path}: not a segmenter checkpoint of `useg train-segmenter` ({e!r:.200})") from None
+    if is_token_head(state):
+        raise UsegError(f"{path}: a token head (segment.model: token_head) labels the cached features of its "
+                        "dataset only (`useg predict`); `useg segment` needs a deeplabv3 segmenter")
+    return model, state
 
 
 def _load_transfgu(path: Path) -> tuple[torch.nn.Module, dict]:

@@ -40,6 +40,7 @@ def test_repo_params_load_and_are_frozen():
         (lambda r: r["synth"].update(val_fraction=1.5), "params key 'synth.val_fraction': 1.5 is out of range"),
         (lambda r: r["features"].update(input_size=[224]), "params key 'features.input_size'"),
         (lambda r: r["baseline"].update(methods=["spectral"]), "params key 'baseline.methods'"),
+        (lambda r: r["segment"].update(model="resnet"), "params key 'segment.model': 'resnet' is not one of"),
     ],
 )
 def test_bad_params_name_the_key(tmp_path, edit, message):

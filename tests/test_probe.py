@@ -12,6 +12,7 @@ from pipeline.probe import (
     ProbeConfig,
     ProbeModel,
     evaluate_probe,
+    iter_probe_probs,
     predict_probe,
     resize_nearest,
     token_majority,
@@ -94,6 +95,21 @@ def test_predict_probe_sizes_and_state_round_trip() -> None:
     assert [p.shape for p in preds] == sizes
     assert all(p.dtype == np.uint8 and p.max() < NUM_CLASSES for p in preds)
     np.testing.assert_array_equal(preds[0], predict_probe(model, tokens[:1], sizes[:1])[0])
+
+
+def test_probe_probabilities_match_its_labels() -> None:
+    tokens, labels = _synthetic(8, seed=0)
+    model = train_linear_probe(tokens, GRID, labels, NUM_CLASSES, CFG)
+    sizes = [(24, 32), (30, 41), (7, 5)]
+    probs = list(iter_probe_probs(model, tokens[:3], sizes, batch_size=2))
+    assert [p.shape for p in probs] == [(NUM_CLASSES, *s) for s in sizes]
+    assert all(p.dtype == np.float32 and p.min() >= 0 for p in probs)
+    for p in probs:
+        np.testing.assert_allclose(p.sum(0), 1.0, atol=1e-5)
+    for p, pred in zip(probs, predict_probe(model, tokens[:3], sizes)):
+        np.testing.assert_array_equal(p.argmax(0), pred)
+    with pytest.raises(ValueError, match="2 sizes for 3 token sets"):
+        next(iter_probe_probs(model, tokens[:3], sizes[:2]))
 
 
 def test_token_majority_and_resize_nearest_known_answer() -> None:
