@@ -288,8 +288,9 @@ def train_segmenter(
 ) -> None:
     """Train the final segmenter on the pseudo-labels (`segment`, `crf` params; `probe` params for a token head).
 
-    `segment.model`: deeplabv3 (DeepLabv3-MobileNetV2 on the images, reads the MobileNetV2 weights) or
-    token_head (a linear head on the frozen patch tokens of FEATURES). Writes OUT and curves to results/segment.
+    `segment.model: deeplabv3`: DeepLabv3-MobileNetV2 on the images (reads the MobileNetV2 weights).
+    `segment.model: token_head`: a linear head on the frozen patch tokens of FEATURES.
+    Writes OUT and curves to results/segment.
     """
     p = _ranked_params(params)
     from stages import segment as stage
