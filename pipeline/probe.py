@@ -87,6 +87,12 @@ class ProbeConfig:
     loss_upsample: int = 4
     device: str = "cpu"
 
+    @classmethod
+    def from_params(cls, section: Any, seed: int, device: Any) -> ProbeConfig:
+        """The `probe` params section (epochs, lr, weight_decay, batch_size) with a seed and device."""
+        return cls(epochs=section.epochs, lr=section.lr, weight_decay=section.weight_decay,
+                   batch_size=section.batch_size, seed=seed, device=str(device))
+
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "loss_upsample"):
             if getattr(self, name) < 1:

@@ -429,7 +429,7 @@ def predict(
     p = _ranked_params(params)
     from stages import predict as stage
 
-    stage.run(p, index, model, out, features_path=features)
+    stage.run(p, index, model, features, out)
 
 
 @app.command()

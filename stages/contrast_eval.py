@@ -145,8 +145,7 @@ def run(params: Params, index_path: Path, model_path: Path, out: Path, metrics_d
     accs = np.array([r.pixel_accuracy for r in runs])
 
     # linear probe on the frozen embeddings
-    pcfg = ProbeConfig(epochs=params.probe.epochs, lr=params.probe.lr, weight_decay=params.probe.weight_decay,
-                       batch_size=params.probe.batch_size, seed=params.base.seed, device=str(device))
+    pcfg = ProbeConfig.from_params(params.probe, params.base.seed, device)
     probe = train_linear_probe(np.stack(train.tokens), train.grid, train_gt, c, pcfg)
     probe_res = evaluate_probe(probe, np.stack(evals.tokens), eval_gt)
 

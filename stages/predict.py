@@ -17,7 +17,7 @@ from pipeline import dist, runtime
 from pipeline.artifacts import Provenance, open_artifact, write_predictions
 from pipeline.config import Params
 from pipeline.crf import crf_labels
-from pipeline.errors import ArtifactError, UsegError
+from pipeline.errors import ArtifactError
 from pipeline.index import read_index
 from pipeline.probe import iter_probe_probs
 from pipeline.progress import track
@@ -25,16 +25,14 @@ from pipeline.segmenter import predict_segmenter
 from stages.segment import features_description, is_token_head, load_segmenter
 
 
-def run(params: Params, index_path: Path, model_path: Path, out: Path, name: str = "maskdistill",
-        features_path: Path | None = None) -> None:
+def run(params: Params, index_path: Path, model_path: Path, features_path: Path, out: Path,
+        name: str = "maskdistill") -> None:
     device = runtime.setup(params.base)
     index = read_index(index_path)
     ds = index.dataset
     model, state = load_segmenter(model_path, index.fingerprint)
     token_head = is_token_head(state)
     if token_head:
-        if features_path is None:
-            raise UsegError(f"{model_path}: a token head (segment.model: token_head) needs --features")
         _check_features(features_path, index.fingerprint, state["features"], model_path)
     else:
         model.to(device)
@@ -47,23 +45,23 @@ def run(params: Params, index_path: Path, model_path: Path, out: Path, name: str
     prov = Provenance("predict", params.section_json("crf"), index.fingerprint, inputs)
     crf = params.crf
 
-    def probabilities(block) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-        """(position, image, (C, H, W) probabilities) per eval image of `block`."""
+    def probabilities(block) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(image, (C, H, W) probabilities) per eval image of `block`."""
         if not token_head:
             for i in block:
                 image = ds.load_image(ds.samples[int(i)])
                 with torch.inference_mode():
-                    yield i, image, predict_segmenter(model, image, device=device)
+                    yield image, predict_segmenter(model, image, device=device)
             return
         with open_artifact(features_path, "useg.features", index.fingerprint) as f:
             tokens = f["patch_tokens"]
             for i in block:
                 image = ds.load_image(ds.samples[int(i)])
-                yield i, image, next(iter_probe_probs(model, tokens[int(i) : int(i) + 1], [image.shape[:2]]))
+                yield image, next(iter_probe_probs(model, tokens[int(i) : int(i) + 1], [image.shape[:2]]))
 
     def compute(block) -> Iterator[dict[str, np.ndarray]]:
         """Label maps per eval image of `block`: {method: labels}."""
-        for _, image, probs in track(probabilities(block), "predict", total=len(block)):
+        for image, probs in track(probabilities(block), "predict", total=len(block)):
             rec = {name: probs.argmax(0).astype(np.uint16)}
             if crf.predict:
                 rec[f"{name}_crf"] = crf_labels(image, probs, crf).astype(np.uint16)

@@ -21,11 +21,7 @@ def run(params: Params, index_path: Path, features_path: Path, out: Path) -> dic
     ds = index.dataset
     if not ds.has_labels:
         raise DataError(f"dataset {ds.name!r} has no masks: the linear probe needs GT")
-    cfg = params.probe
-    pcfg = ProbeConfig(
-        epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay, batch_size=cfg.batch_size,
-        seed=params.base.seed, device=str(device),
-    )
+    pcfg = ProbeConfig.from_params(params.probe, params.base.seed, device)
     train = index.positions(params.base.train_split)
     val = index.positions(params.base.eval_split)
     with open_artifact(features_path, "useg.features", index.fingerprint) as f:

@@ -21,7 +21,6 @@ from pipeline import dist, runtime
 from pipeline.artifacts import RaggedReader, load_checkpoint, open_artifact, save_checkpoint
 from pipeline.config import Params
 from pipeline.crf import crf_labels, crf_self_training_labels
-from pipeline.errors import UsegError
 from pipeline.index import read_index
 from pipeline.probe import ProbeConfig, ProbeModel, iter_probe_probs, train_linear_probe
 from pipeline.progress import track
@@ -63,13 +62,11 @@ def features_description(f) -> dict:
 
 
 def run(params: Params, index_path: Path, pseudo_path: Path, weights_dir: Path, out: Path,
-        features_path: Path | None = None) -> None:
+        features_path: Path) -> None:
     device = runtime.setup(params.base)
     cfg = dataclasses.replace(params.segment, seed=params.base.seed)
     index = read_index(index_path)
     ds = index.dataset
-    if cfg.model == TOKEN_HEAD and features_path is None:
-        raise UsegError("params key 'segment.model': token_head needs --features (features.h5 of `useg features`)")
     with open_artifact(pseudo_path, "useg.pseudolabels", index.fingerprint) as f:
         positions = f["positions"][()]
         scene = bool(f.attrs["scene_centric"])
@@ -109,8 +106,7 @@ def train_token_head(params: Params, index, features_path: Path, positions: np.n
     logits upsampled to the image) and trains a new head on them from the same seed.
     Returns the head and the description of the features it was trained on.
     """
-    pcfg = ProbeConfig(epochs=params.probe.epochs, lr=params.probe.lr, weight_decay=params.probe.weight_decay,
-                       batch_size=params.probe.batch_size, seed=params.base.seed, device=str(device))
+    pcfg = ProbeConfig.from_params(params.probe, params.base.seed, device)
     order = np.argsort(positions, kind="stable")  # h5py reads rows in increasing order
     with open_artifact(features_path, "useg.features", index.fingerprint) as f:
         grid = tuple(int(v) for v in f.attrs["grid"])
