@@ -135,6 +135,7 @@ class ClusterConfig:
 @dataclass(frozen=True)
 class FilterConfig:
     score_threshold: float = opt(0.9, min=0.0, max=1.0)
+    min_keep: int = opt(1, min=1, max=1000)
     mask_threshold: float = opt(0.5, min=0.0, max=1.0)
     score_floor: float = opt(0.05, min=0.0, max=1.0)
 

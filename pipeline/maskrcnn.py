@@ -394,12 +394,16 @@ def predict_instances(
     return predict_instances_batch(model, [image], score_floor, device)[0]
 
 
-def select_confident(detections: Sequence[Detection], score_threshold: float = 0.9) -> list[Detection]:
+def select_confident(detections: Sequence[Detection], score_threshold: float = 0.9, min_keep: int = 1) -> list[Detection]:
     """MaskDistill's selection: detections with score >= threshold, best first; if none
-    reaches it, only the single best detection (so every image with a detection keeps one)."""
+    reaches it, only the single best detection (so every image with a detection keeps one).
+
+    `min_keep` > 1 generalises the fallback (our scene-centric extension): when fewer than
+    `min_keep` detections reach the threshold, the `min_keep` best are kept. 1 = the paper.
+    """
     ranked = sorted(detections, key=lambda d: -d[1])
     kept = [d for d in ranked if d[1] >= score_threshold]
-    return kept or ranked[:1]
+    return kept if len(kept) >= min_keep else ranked[:min_keep]
 
 
 def binary_mask(mask: np.ndarray, mask_threshold: float) -> np.ndarray:
@@ -414,6 +418,7 @@ def filter_and_paste(
     score_threshold: float = 0.9,
     mask_threshold: float = 0.5,
     dtype: type = np.uint8,
+    min_keep: int = 1,
 ) -> np.ndarray:
     """MaskDistill's filter: confident detections pasted into a semantic label map.
 
@@ -429,6 +434,7 @@ def filter_and_paste(
         height: Label map height.
         width: Label map width.
         score_threshold: Minimum score kept (>=).
+        min_keep: Fewer than this many confident detections: the `min_keep` best instead (1 = the paper).
         mask_threshold: Binarisation threshold for probability masks (>=).
         dtype: Label map dtype; its largest value is reserved (255 = ignore for uint8).
 
@@ -440,7 +446,7 @@ def filter_and_paste(
     """
     canvas = np.zeros((height, width), dtype)
     limit = np.iinfo(dtype).max
-    for mask, _, class_id in select_confident(detections, score_threshold):
+    for mask, _, class_id in select_confident(detections, score_threshold, min_keep):
         m = binary_mask(np.asarray(mask), mask_threshold)
         if m.shape != (height, width):
             raise ValueError(f"mask of shape {m.shape} does not match the label map ({height}, {width})")

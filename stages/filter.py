@@ -1,7 +1,7 @@
 """Stage `filter`: the initial model labels the train images; confident masks become pseudo-labels.
 
 MaskDistill: keep detections with score >= `filter.score_threshold` (if none reaches it, only the
-best one), paste them in descending score order skipping masks that overlap pixels already pasted;
+best one; `filter.min_keep` > 1: the `min_keep` best when fewer reach it), paste them in descending score order skipping masks that overlap pixels already pasted;
 background 0. Diagnostic only (never used for selection): pseudo-label mIoU against the train
 split's GT, before (clustered mined masks) and after filtering, in results/filter/metrics.json.
 """
@@ -81,8 +81,9 @@ def run(params: Params, index_path: Path, masks_path: Path, clusters_path: Path,
             with torch.inference_mode():
                 dets = predict_instances(model, image, score_floor=cfg.score_floor, device=device)
             label = filter_and_paste(dets, image.shape[0], image.shape[1], score_threshold=cfg.score_threshold,
-                                     mask_threshold=cfg.mask_threshold, dtype=np.uint16)
-            yield int(i), label, int(sum(d[1] >= cfg.score_threshold for d in dets)) or int(bool(dets))
+                                     mask_threshold=cfg.mask_threshold, dtype=np.uint16, min_keep=cfg.min_keep)
+            confident = int(sum(d[1] >= cfg.score_threshold for d in dets))
+            yield int(i), label, max(confident, min(cfg.min_keep, len(dets)))
 
     records = dist.sharded(train, compute, out)
     if records is None:  # another rank writes the artifact

@@ -176,6 +176,23 @@ def test_filter_keeps_only_the_best_when_none_reaches_threshold():
     assert [d[1] for d in select_confident(dets, 0.9)] == [0.7]
 
 
+def test_filter_min_keep_keeps_the_best_few_when_too_few_are_confident():
+    dets = [(box(0, 3, 0, 3), 0.5, 1), (box(5, 8, 5, 8), 0.95, 2), (box(0, 3, 6, 9), 0.3, 3), (box(8, 10, 0, 2), 0.1, 4)]
+    # One confident detection, min_keep 3: the three best, whatever their score.
+    assert [d[1] for d in select_confident(dets, 0.9, min_keep=3)] == [0.95, 0.5, 0.3]
+    out = filter_and_paste(dets, 10, 10, score_threshold=0.9, min_keep=3)
+    expected = np.zeros((10, 10), np.uint8)
+    expected[0:3, 0:3] = 1
+    expected[5:8, 5:8] = 2
+    expected[0:3, 6:9] = 3
+    np.testing.assert_array_equal(out, expected)
+    # Enough confident ones: min_keep does not lower the threshold.
+    assert [d[1] for d in select_confident(dets, 0.4, min_keep=2)] == [0.95, 0.5]
+    # min_keep 1 is the paper's rule; more than there are keeps them all.
+    assert select_confident(dets, 0.99) == select_confident(dets, 0.99, min_keep=1) == [dets[1]]
+    assert len(select_confident(dets, 0.99, min_keep=10)) == 4
+
+
 def test_filter_skips_a_whole_mask_that_overlaps_a_better_one():
     # Given out of order: pasting goes by descending score.
     dets = [
