@@ -25,7 +25,7 @@ import h5py
 import numpy as np
 
 from pipeline import __version__
-from pipeline.atomic import replace_atomically, signals_blocked, temp_sibling
+from pipeline.atomic import replace_atomically, signals_blocked, signals_held, temp_sibling
 from pipeline.errors import ArtifactError
 
 #: Current version of every schema this code writes and reads.
@@ -94,10 +94,11 @@ def write_artifact(path: str | Path, schema: str, prov: Provenance) -> Iterator[
             attrs["artifact_id"] = prov.artifact_id(schema)
             yield f
         except BaseException:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception), signals_held():
                 f.close()
             raise
-        f.close()
+        with signals_held():  # a Ctrl-C halfway through close would leave HDF5 holding the file
+            f.close()
 
 
 def open_artifact(

@@ -125,18 +125,25 @@ def raise_if_interrupted() -> None:
 
 
 @contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back for the block; one that arrives meanwhile is delivered after it."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+@contextlib.contextmanager
 def signals_blocked() -> Iterator[None]:
     """Hold SIGINT and SIGTERM back while an output is renamed into place.
 
     A Ctrl-C recorded before (see `guard_interrupts`) raises KeyboardInterrupt here instead,
     so nothing is committed after one.
     """
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
+    with signals_held():
         raise_if_interrupted()
         yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _raise_recorded(fh: GuardedFile, dest: Path) -> None:
