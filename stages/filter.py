@@ -1,9 +1,10 @@
 """Stage `filter`: the initial model labels the train images; confident masks become pseudo-labels.
 
 MaskDistill: keep detections with score >= `filter.score_threshold` (if none reaches it, only the
-best one; `filter.min_keep` > 1: the `min_keep` best when fewer reach it), paste them in descending score order skipping masks that overlap pixels already pasted;
-background 0. Diagnostic only (never used for selection): pseudo-label mIoU against the train
-split's GT, before (clustered mined masks) and after filtering, in results/filter/metrics.json.
+best one; `filter.min_keep` > 1: the `min_keep` best when fewer reach it), paste them in
+descending score order skipping masks that overlap pixels already pasted; background 0.
+Diagnostic only (never used for selection): pseudo-label mIoU against the train split's GT,
+before (clustered mined masks) and after filtering, in results/filter/metrics.json.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pipeline.artifacts import (
 from pipeline.config import Params
 from pipeline.errors import ArtifactError
 from pipeline.index import read_index
-from pipeline.maskrcnn import DistillConfig, filter_and_paste, maskrcnn_from_config, predict_instances
+from pipeline.maskrcnn import DistillConfig, filter_and_paste, maskrcnn_from_config, predict_instances, select_confident
 from pipeline.metrics import confusion_matrix, hungarian_match, majority_match
 from pipeline.progress import track
 from pipeline.pseudo import paste_cluster_masks
@@ -82,8 +83,7 @@ def run(params: Params, index_path: Path, masks_path: Path, clusters_path: Path,
                 dets = predict_instances(model, image, score_floor=cfg.score_floor, device=device)
             label = filter_and_paste(dets, image.shape[0], image.shape[1], score_threshold=cfg.score_threshold,
                                      mask_threshold=cfg.mask_threshold, dtype=np.uint16, min_keep=cfg.min_keep)
-            confident = int(sum(d[1] >= cfg.score_threshold for d in dets))
-            yield int(i), label, max(confident, min(cfg.min_keep, len(dets)))
+            yield int(i), label, len(select_confident(dets, cfg.score_threshold, cfg.min_keep))
 
     records = dist.sharded(train, compute, out)
     if records is None:  # another rank writes the artifact
