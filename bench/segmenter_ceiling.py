@@ -28,7 +28,7 @@ os.environ.setdefault("USEG_QUIET", "1")
 from pipeline import runtime  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
 from pipeline.index import read_index  # noqa: E402
-from pipeline.metrics import confusion_matrix  # noqa: E402
+from pipeline.metrics import confusion_matrix, identity_match  # noqa: E402
 from pipeline.segmenter import predict_segmenter, train_segmenter  # noqa: E402
 
 
@@ -65,15 +65,13 @@ def main() -> None:
             sample = ds.samples[int(i)]
             pred = predict_segmenter(model, ds.load_image(sample), device=device).argmax(0)
             conf += confusion_matrix(pred, ds.load_mask(sample), c, c)
-    inter = np.diag(conf).astype(np.float64)
-    union = conf.sum(0) + conf.sum(1) - inter
-    iou = np.where(union > 0, inter / np.maximum(union, 1), np.nan)
+    result = identity_match(conf)
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "
           f"dataset {ds.name}: {len(train)} train / {len(evals)} eval images, {c} classes; "
           f"epochs {cfg.epochs}, crop {cfg.crop_size}, batch {cfg.batch_size}, seed {cfg.seed}; train {t_train:.0f} s")
     for k, name in enumerate(ds.class_names):
-        print(f"  {name:>16s}: {100 * iou[k]:5.1f}")
-    print(f"supervised DeepLabv3-MobileNetV2 (train GT) eval mIoU: {100 * np.nanmean(iou):.1f}")
+        print(f"  {name:>16s}: {result.per_class_iou[k]:5.1f}")
+    print(f"supervised DeepLabv3-MobileNetV2 (train GT) eval mIoU: {result.miou:.1f}")
 
 
 if __name__ == "__main__":
