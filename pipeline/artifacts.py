@@ -81,8 +81,12 @@ def write_artifact(path: str | Path, schema: str, prov: Provenance) -> Iterator[
         raise ArtifactError(f"unknown artifact schema {schema!r}")
     path = Path(path)
     with replace_atomically(path, suffix=".tmp.h5") as fh:  # makes the folder too
-        f = h5py.File(fh, "w", libver=("earliest", "v110"), track_order=False)
+        f = None
         try:
+            # A Ctrl-C inside h5py's create or close would leave HDF5 holding the file ID, whose
+            # deallocation at exit then prints a traceback on the already closed temporary file.
+            with signals_held():
+                f = h5py.File(fh, "w", libver=("earliest", "v110"), track_order=False)
             attrs = f.attrs
             attrs["schema"] = schema
             attrs["schema_version"] = SCHEMAS[schema]
@@ -94,10 +98,11 @@ def write_artifact(path: str | Path, schema: str, prov: Provenance) -> Iterator[
             attrs["artifact_id"] = prov.artifact_id(schema)
             yield f
         except BaseException:
-            with contextlib.suppress(Exception), signals_held():
-                f.close()
+            if f is not None:
+                with contextlib.suppress(Exception), signals_held():
+                    f.close()
             raise
-        with signals_held():  # a Ctrl-C halfway through close would leave HDF5 holding the file
+        with signals_held():
             f.close()
 
 

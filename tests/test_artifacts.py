@@ -189,6 +189,43 @@ def test_a_swallowed_ctrl_c_still_stops_the_commit(tmp_path, guard):
         assert "KeyboardInterrupt" in run.stderr
 
 
+_CTRL_C_IN_H5PY_CREATE = """
+import os, signal, sys
+from pathlib import Path
+import h5py
+from pipeline import artifacts, atomic
+signal.signal(signal.SIGINT, signal.default_int_handler)
+atomic.guard_interrupts()
+
+def create_then_ctrl_c(*args, **kwargs):  # SIGINT lands while h5py opens the temporary file
+    f = h5py.File(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGINT)
+    sum(range(100))
+    return f
+
+artifacts.h5py = type("H5", (), {"File": staticmethod(create_then_ctrl_c)})
+out = Path(sys.argv[1])
+try:
+    with artifacts.write_artifact(out / "a.h5", "useg.features", artifacts.Provenance("t", "{}", "fp", {})):
+        pass
+except KeyboardInterrupt:
+    print("interrupted")
+import gc; gc.collect()
+print(sorted(p.name for p in out.iterdir()))
+"""
+
+
+def test_ctrl_c_while_h5py_creates_the_file_leaves_no_open_hdf5_id(tmp_path):
+    """A Ctrl-C inside h5py.File(...) must not orphan the HDF5 file ID: its deallocation (at exit, on
+    the closed temporary file) printed a traceback after the one-line message (seen in CI)."""
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    run = subprocess.run([sys.executable, "-c", _CTRL_C_IN_H5PY_CREATE, str(tmp_path)],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["interrupted", "[]"], run.stdout
+    assert "Traceback" not in run.stderr and "Exception ignored" not in run.stderr, run.stderr
+
+
 def test_info_command(tmp_path):
     make(tmp_path / "a.h5")
     res = CliRunner().invoke(app, ["info", str(tmp_path / "a.h5")])
