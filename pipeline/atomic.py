@@ -86,11 +86,17 @@ def temp_sibling(dest: Path, suffix: str = ".tmp") -> Path:
 
 #: Set by the SIGINT handler of `guard_interrupts`; never reset within a process.
 _interrupted = False
+#: Depth of nested `signals_held` blocks, and whether a Ctrl-C arrived in the outermost one.
+_hold_depth = 0
+_held_sigint = False
 
 
 def _on_sigint(signum, frame) -> None:
-    global _interrupted
+    global _interrupted, _held_sigint
     _interrupted = True
+    if _hold_depth:  # inside `signals_held`: raised when the block ends
+        _held_sigint = True
+        return
     raise KeyboardInterrupt
 
 
@@ -111,7 +117,8 @@ def guard_interrupts() -> None:
     the user pressed Ctrl-C. Here the handler also sets a flag that `signals_blocked` (the
     commit point of every atomic write) and `raise_if_interrupted` check, and the swallowed
     KeyboardInterrupt is not printed. Call from the main thread; a no-op where SIGINT has a
-    handler other than Python's default.
+    handler other than Python's default. It also makes `signals_held` hold a Ctrl-C that
+    another thread received (see there).
     """
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _on_sigint)
@@ -126,12 +133,29 @@ def raise_if_interrupted() -> None:
 
 @contextlib.contextmanager
 def signals_held() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM back for the block; one that arrives meanwhile is delivered after it."""
+    """Hold SIGINT and SIGTERM back for the block; one that arrives meanwhile is delivered after it.
+
+    The signal mask covers only the calling thread: a signal sent to the process reaches any
+    other thread that does not block it (numpy's BLAS threads, torch's), and Python then runs
+    its handler in the main thread, inside the block. With `guard_interrupts` installed that
+    handler only records a Ctrl-C here, and the KeyboardInterrupt is raised when the outermost
+    block ends normally (an exception already leaving the block goes on; the Ctrl-C stays
+    recorded for `raise_if_interrupted`). A SIGTERM that another thread receives still ends
+    the process, like a SIGKILL.
+    """
+    global _hold_depth, _held_sigint
     old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    _hold_depth += 1
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        _hold_depth -= 1
+        held = _held_sigint and not _hold_depth
+        if held:
+            _held_sigint = False
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)  # delivers a signal the mask held back
+    if held:
+        raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
