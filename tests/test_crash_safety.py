@@ -124,7 +124,9 @@ def work(tmp_path_factory) -> Path:
     p["contrast"].update(epochs=2, crop_size=64, batch_size=4, queue_size=8)
     (work / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     (work / "weights").mkdir()
-    torch.save(torchvision.models.mobilenet_v2(weights=None).state_dict(), work / "weights/mobilenet_v2_imagenet.pt")
+    with torch.random.fork_rng():  # the same random init whatever ran before in this worker
+        torch.manual_seed(0)
+        torch.save(torchvision.models.mobilenet_v2(weights=None).state_dict(), work / "weights/mobilenet_v2_imagenet.pt")
     useg(["synth", "--out", "data/synthetic"], work)
     useg(["prepare", "--out", "artifacts/index.h5"], work)
     return work
