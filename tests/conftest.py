@@ -10,6 +10,10 @@ last and the suite takes its full length on top of everything else.
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+
 FIRST = ["test_pipeline_dvc.py", "test_dist.py", "test_runtime.py"]
 
 
@@ -19,3 +23,21 @@ def pytest_collection_modifyitems(session, config, items) -> None:
         return FIRST.index(name) if name in FIRST else len(FIRST)
 
     items.sort(key=rank)  # stable: the order within and among the other files is kept
+
+
+@pytest.fixture(scope="session")
+def random_mobilenet_v2(tmp_path_factory) -> Path:
+    """A random-init MobileNetV2 state dict (seed 0), for the stage tests that need no ImageNet weights.
+
+    Seeded inside `fork_rng`, so the init is the same whatever ran before in this worker (an
+    unseeded init took the worker's global RNG state, and a loss-curve comparison once drifted out
+    of its tolerance with it) and the worker's own RNG state is left as it was. Copy it into place:
+    `shutil.copy(random_mobilenet_v2, dst)`."""
+    import torch
+    import torchvision
+
+    path = tmp_path_factory.mktemp("weights") / "mobilenet_v2_random.pt"
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        torch.save(torchvision.models.mobilenet_v2(weights=None).state_dict(), path)
+    return path

@@ -171,13 +171,17 @@ print(sorted(p.name for p in out.iterdir()))
 """
 
 
+def run_snippet(code: str, *args: str) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh Python process that imports this checkout (signals hit only it)."""
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=120)
+
+
 @pytest.mark.parametrize("guard", [True, False])
 def test_a_swallowed_ctrl_c_still_stops_the_commit(tmp_path, guard):
     """SIGINT landing in a destructor: Python swallows the KeyboardInterrupt; the recorded interrupt
     must still stop every later commit (and not print a traceback). Without the guard the output appears."""
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    run = subprocess.run([sys.executable, "-c", _SWALLOWED_CTRL_C, "guard" if guard else "none", str(tmp_path)],
-                         capture_output=True, text=True, env=env, timeout=120)
+    run = run_snippet(_SWALLOWED_CTRL_C, "guard" if guard else "none", str(tmp_path))
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
     assert lines[0] == "ran on"
@@ -230,9 +234,7 @@ def test_ctrl_c_while_h5py_creates_the_file_leaves_no_open_hdf5_id(tmp_path, rec
     the closed temporary file) printed a traceback after the one-line message (seen in CI). Also
     when a thread other than the main one receives the signal, which the main thread's signal
     mask does not hold back."""
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    run = subprocess.run([sys.executable, "-c", _CTRL_C_IN_H5PY_CREATE, str(tmp_path), receiver],
-                         capture_output=True, text=True, env=env, timeout=120)
+    run = run_snippet(_CTRL_C_IN_H5PY_CREATE, str(tmp_path), receiver)
     assert run.returncode == 0, run.stderr
     assert run.stdout.splitlines() == ["interrupted", "[]"], run.stdout
     assert "Traceback" not in run.stderr and "Exception ignored" not in run.stderr, run.stderr

@@ -109,11 +109,8 @@ STAGES = {
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory) -> Path:
+def work(tmp_path_factory, random_mobilenet_v2) -> Path:
     """A tiny synthetic dataset and its index; params for a random-init ViT-S/14 and MaskContrast."""
-    import torch
-    import torchvision
-
     work = tmp_path_factory.mktemp("crash")
     p = yaml.safe_load((ROOT / "params.yaml").read_text())
     p["base"].update(data_root=str(work / "data/synthetic"))
@@ -124,9 +121,7 @@ def work(tmp_path_factory) -> Path:
     p["contrast"].update(epochs=2, crop_size=64, batch_size=4, queue_size=8)
     (work / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     (work / "weights").mkdir()
-    with torch.random.fork_rng():  # the same random init whatever ran before in this worker
-        torch.manual_seed(0)
-        torch.save(torchvision.models.mobilenet_v2(weights=None).state_dict(), work / "weights/mobilenet_v2_imagenet.pt")
+    shutil.copy(random_mobilenet_v2, work / "weights/mobilenet_v2_imagenet.pt")
     useg(["synth", "--out", "data/synthetic"], work)
     useg(["prepare", "--out", "artifacts/index.h5"], work)
     return work

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
-import torchvision
 import yaml
 
 from pipeline.artifacts import file_md5
@@ -34,8 +33,8 @@ pytestmark = pytest.mark.slow
 #: against the scale of the run instead: both end below LOSS_END of their first-epoch loss
 #: (measured 5.8-7.5%). Those runs differed because the fixture's random-init MobileNetV2 took
 #: the worker's global RNG state, which depends on the tests that ran before it (a CI-like run
-#: once failed at 15.1% in the middle epoch); it is now seeded: 0.2%, 3.2% and 12% apart, ending
-#: at 7.3% and 6.5%.
+#: once failed at 15.1% in the middle epoch); it is now seeded (conftest's `random_mobilenet_v2`):
+#: 0.2%, 3.2% and 12% apart, ending at 7.3% and 6.5%.
 LOSS_RTOL = 0.15
 LOSS_END = 0.15
 
@@ -69,15 +68,13 @@ def loss_curve(run: Path) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
+def run(tmp_path_factory, random_mobilenet_v2) -> Path:
     """The tiny chain with one process (random-init backbones: the test is about processes)."""
     d = tmp_path_factory.mktemp("dist")
     write_params(d / "params.yaml", 1)
     write_params(d / "params2.yaml", 2)
     (d / "w").mkdir()
-    with torch.random.fork_rng():  # the same random init whatever ran before in this worker
-        torch.manual_seed(0)
-        torch.save(torchvision.models.mobilenet_v2().state_dict(), d / "w" / "mobilenet_v2_imagenet.pt")
+    shutil.copy(random_mobilenet_v2, d / "w" / "mobilenet_v2_imagenet.pt")
     a = "artifacts"
     useg(d, "synth", "--out", "data/synthetic")
     useg(d, "prepare", "--out", f"{a}/index.h5")

@@ -9,6 +9,7 @@ row/label order would score near chance.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +17,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-import torch
-import torchvision
 import yaml
 
 from pipeline.artifacts import Provenance, RaggedReader, RaggedWriter, string_dataset, write_artifact
@@ -60,11 +59,11 @@ def rule_labels(tokens: np.ndarray, grid: tuple[int, int], size: tuple[int, int]
 
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory) -> dict:
+def chain(tmp_path_factory, random_mobilenet_v2) -> dict:
     d = tmp_path_factory.mktemp("token_head")
     write_params(d / "params.yaml")
     (d / "w").mkdir()
-    torch.save(torchvision.models.mobilenet_v2().state_dict(), d / "w" / "mobilenet_v2_imagenet.pt")
+    shutil.copy(random_mobilenet_v2, d / "w" / "mobilenet_v2_imagenet.pt")
     useg(d, "synth", "--out", "data/synthetic")
     useg(d, "prepare", "--out", f"{A}/index.h5")
     useg(d, "features", "--index", f"{A}/index.h5", "--out", f"{A}/features.h5")
