@@ -25,7 +25,7 @@ import h5py
 import numpy as np
 
 from pipeline import __version__
-from pipeline.atomic import replace_atomically, signals_blocked, signals_held, temp_sibling
+from pipeline.atomic import record_commit, replace_atomically, signals_blocked, signals_held, staging, temp_sibling
 from pipeline.errors import ArtifactError
 
 #: Current version of every schema this code writes and reads.
@@ -332,12 +332,14 @@ def staged_folder(dest: str | Path) -> Iterator[Path]:
     tmp = temp_sibling(dest)
     try:
         tmp.mkdir()
-        yield tmp
+        with staging(tmp):
+            yield tmp
         old = temp_sibling(dest, ".old")
         with signals_blocked():
             if dest.exists():
                 os.replace(dest, old)
             os.replace(tmp, dest)
+            record_commit(dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -170,6 +170,42 @@ def signals_blocked() -> Iterator[None]:
         yield
 
 
+#: Outputs put in place since `forget_commits` (see `committed`), and the temporary folders of
+#: the `staging` blocks still open: a file committed into one of those is not an output yet.
+_committed: list[Path] = []
+_staging: list[Path] = []
+
+
+def record_commit(dest: str | Path) -> None:
+    """Note that `dest` was just renamed into place, unless it lies in an open staged folder."""
+    dest = Path(dest).absolute()
+    if not any(dest.is_relative_to(s) for s in _staging):
+        _committed.append(dest)
+
+
+def committed() -> list[Path]:
+    """Outputs put in place (complete) since `forget_commits`, in order: what a Ctrl-C that
+    stops a command after them leaves behind. Files inside a staged folder count only when the
+    folder itself is committed."""
+    return list(_committed)
+
+
+def forget_commits() -> None:
+    """Start a new command's record of committed outputs."""
+    _committed.clear()
+
+
+@contextlib.contextmanager
+def staging(tmp: Path) -> Iterator[None]:
+    """Files committed under the temporary folder `tmp` are not outputs while the block runs."""
+    tmp = Path(tmp).absolute()
+    _staging.append(tmp)
+    try:
+        yield
+    finally:
+        _staging.remove(tmp)
+
+
 def _raise_recorded(fh: GuardedFile, dest: Path) -> None:
     e = fh.error
     if e is None:
@@ -212,6 +248,7 @@ def replace_atomically(dest: str | Path, suffix: str = ".tmp", fsync: bool = Fal
         _raise_recorded(fh, dest)
         with signals_blocked():  # a SIGINT between close and replace must not leave a half-state
             os.replace(tmp, dest)
+            record_commit(dest)
     except BaseException:
         fh.close()
         tmp.unlink(missing_ok=True)

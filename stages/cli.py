@@ -30,6 +30,15 @@ IndexOpt = Annotated[Path, typer.Option("--index", help="Image index written by 
 FeaturesOpt = Annotated[Path, typer.Option("--features", help="features.h5 written by `useg features`.")]
 
 
+def _interrupted_message(done: list[Path]) -> str:
+    """What a Ctrl-C left: nothing, or the outputs that were complete and in place before it took
+    effect (one landing during the final rename, or between the outputs of a multi-output stage)."""
+    if not done:
+        return "interrupted: no artifact was written"
+    names = ", ".join(os.path.relpath(p) for p in done)
+    return f"interrupted: {names} had been written in full before the Ctrl-C took effect; nothing else was written"
+
+
 def user_errors(fn: Callable) -> Callable:
     """Turn `UsegError` into one line on stderr and exit code 2, Ctrl-C into one line and 130."""
 
@@ -38,6 +47,7 @@ def user_errors(fn: Callable) -> Callable:
         from pipeline import atomic
 
         atomic.guard_interrupts()
+        atomic.forget_commits()
         try:
             result = fn(*args, **kwargs)
             atomic.raise_if_interrupted()  # a Ctrl-C whose exception was swallowed still counts
@@ -50,7 +60,7 @@ def user_errors(fn: Callable) -> Callable:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            typer.echo("interrupted: no artifact was written", err=True)
+            typer.echo(_interrupted_message(atomic.committed()), err=True)
             raise typer.Exit(130) from None
 
     return wrapper

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import typer
 from typer.testing import CliRunner
 
+from pipeline import atomic
 from pipeline.artifacts import (
     Provenance,
     RaggedReader,
@@ -24,7 +26,7 @@ from pipeline.artifacts import (
     write_artifact,
 )
 from pipeline.errors import ArtifactError
-from stages.cli import app
+from stages.cli import app, user_errors
 
 PROV = Provenance("test", '{"a": 1}', "fp-dataset-a", {"index": "x.h5"})
 
@@ -248,3 +250,66 @@ def test_info_command(tmp_path):
     assert "labels/data: uint16" in res.output
     res = CliRunner().invoke(app, ["info", str(tmp_path / "nope.h5")])
     assert res.exit_code == 2 and "not a readable HDF5 file" in res.output
+
+
+_CTRL_C_DURING_RENAME = """
+import os, signal, sys
+from pathlib import Path
+from pipeline.artifacts import atomic_file, staged_folder
+from stages.cli import user_errors
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a terminal's Ctrl-C (see above)
+os.chdir(sys.argv[1])
+rename = os.replace
+
+def rename_then_ctrl_c(src, dst):  # SIGINT lands while the first output is renamed into place
+    rename(src, dst)
+    os.kill(os.getpid(), signal.SIGINT)
+    sum(range(100))
+
+@user_errors
+def stage():
+    with staged_folder("curves") as d:
+        with atomic_file(d / "loss.tsv") as f:  # a commit inside the staged folder: not an output yet
+            f.write(b"1")
+    os.replace = rename_then_ctrl_c
+    with atomic_file("model.pt") as f:
+        f.write(b"weights")
+    os.replace = rename
+    with atomic_file("never.json") as f:
+        f.write(b"{}")
+
+try:
+    stage()
+except BaseException as e:
+    print(type(e).__name__, getattr(e, "exit_code", None))
+print(sorted(p.name for p in Path(".").iterdir()))
+"""
+
+
+def test_ctrl_c_message_names_the_outputs_already_in_place(tmp_path):
+    """A Ctrl-C that lands during the final rename takes effect after that output is complete and in
+    place; the one-line message must name it (not claim that nothing was written) and nothing after
+    it may be written. Files committed inside a staged folder count through the folder."""
+    run = run_snippet(_CTRL_C_DURING_RENAME, str(tmp_path))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["Exit 130", "['curves', 'model.pt']"], run.stdout
+    assert run.stderr.strip() == ("interrupted: curves, model.pt had been written in full before the Ctrl-C "
+                                  "took effect; nothing else was written"), run.stderr
+
+
+def test_ctrl_c_message_when_nothing_was_committed(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+
+    @user_errors
+    def stage():
+        with staged_folder("curves") as d:
+            with atomic_file(d / "loss.tsv") as f:  # committed into the staged folder, which is then dropped
+                f.write(b"1")
+            raise KeyboardInterrupt
+
+    atomic.record_commit(tmp_path / "from_an_earlier_command.h5")  # forgotten when the next command starts
+    with pytest.raises(typer.Exit) as e:
+        stage()
+    assert e.value.exit_code == 130
+    assert capsys.readouterr().err.strip() == "interrupted: no artifact was written"
+    assert list(tmp_path.iterdir()) == []
