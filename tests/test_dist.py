@@ -9,15 +9,13 @@ one-process curve.
 from __future__ import annotations
 
 import csv
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from cli_run import useg
 from pipeline.artifacts import file_md5
 from pipeline.dist import block
 
@@ -37,14 +35,6 @@ pytestmark = pytest.mark.slow
 #: 0.2%, 3.2% and 12% apart, ending at 7.3% and 6.5%.
 LOSS_RTOL = 0.15
 LOSS_END = 0.15
-
-
-def useg(cwd: Path, *args: str, params: str = "params.yaml") -> str:
-    env = dict(os.environ, USEG_QUIET="1", PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, "-m", "stages.cli", *args, "--params", params], cwd=cwd, env=env,
-                       capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, f"useg {' '.join(args)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-    return r.stderr
 
 
 def write_params(dst: Path, nproc: int) -> None:
@@ -119,7 +109,7 @@ def test_blocks_cover_the_items_in_order_aligned_to_the_batch(monkeypatch) -> No
 )
 def test_sharded_stage_is_byte_identical(run: Path, stage: str, args: list[str], artifact: str) -> None:
     err = useg(run, stage, *args, "--out", f"two/{artifact}", params="params2.yaml")
-    assert "2 ranks under torchrun" in err
+    assert "2 ranks under torchrun" in err.stderr
     assert file_md5(run / "two" / artifact) == file_md5(run / "artifacts" / artifact)
     assert not list((run / "two").glob(".*shard*")), "shard files left behind"
 
@@ -128,7 +118,7 @@ def test_segmenter_ddp_loss_follows_one_process(run: Path) -> None:
     one = loss_curve(run)
     err = useg(run, "train-segmenter", "--index", "artifacts/index.h5", "--pseudolabels", "artifacts/pseudolabels.h5",
                "--weights", "w", "--out", "two/segmenter.pt", params="params2.yaml")
-    assert "2 ranks under torchrun" in err
+    assert "2 ranks under torchrun" in err.stderr
     two = loss_curve(run)
     assert len(two) == len(one) == 3
     for a, b in zip(one[:2], two[:2]):
@@ -151,5 +141,5 @@ def test_segmenter_ddp_loss_follows_one_process(run: Path) -> None:
 def test_training_stage_runs_on_two_ranks(run: Path, stage: str, args: list[str], out: str) -> None:
     """Every training stage trains as 2 DDP ranks and rank 0 writes its output."""
     err = useg(run, stage, *args, "--out", out, params="params2.yaml")
-    assert "2 ranks under torchrun" in err
+    assert "2 ranks under torchrun" in err.stderr
     assert (run / out).exists()

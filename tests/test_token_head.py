@@ -8,10 +8,7 @@ row/label order would score near chance.
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
@@ -19,21 +16,13 @@ import numpy as np
 import pytest
 import yaml
 
+from cli_run import useg
 from pipeline.artifacts import Provenance, RaggedReader, RaggedWriter, string_dataset, write_artifact
 from pipeline.index import read_index
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 A = "artifacts"
-
-
-def useg(cwd: Path, *args: str, params: str = "params.yaml", ok: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, USEG_QUIET="1", PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, "-m", "stages.cli", *args, "--params", params], cwd=cwd, env=env,
-                       capture_output=True, text=True, timeout=600)
-    if ok:
-        assert r.returncode == 0, f"useg {' '.join(args)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-    return r
 
 
 def write_params(dst: Path, **changes: dict) -> None:
