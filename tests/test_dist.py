@@ -108,17 +108,17 @@ def test_blocks_cover_the_items_in_order_aligned_to_the_batch(monkeypatch) -> No
     ],
 )
 def test_sharded_stage_is_byte_identical(run: Path, stage: str, args: list[str], artifact: str) -> None:
-    err = useg(run, stage, *args, "--out", f"two/{artifact}", params="params2.yaml")
-    assert "2 ranks under torchrun" in err.stderr
+    r = useg(run, stage, *args, "--out", f"two/{artifact}", params="params2.yaml")
+    assert "2 ranks under torchrun" in r.stderr
     assert file_md5(run / "two" / artifact) == file_md5(run / "artifacts" / artifact)
     assert not list((run / "two").glob(".*shard*")), "shard files left behind"
 
 
 def test_segmenter_ddp_loss_follows_one_process(run: Path) -> None:
     one = loss_curve(run)
-    err = useg(run, "train-segmenter", "--index", "artifacts/index.h5", "--pseudolabels", "artifacts/pseudolabels.h5",
-               "--weights", "w", "--out", "two/segmenter.pt", params="params2.yaml")
-    assert "2 ranks under torchrun" in err.stderr
+    r = useg(run, "train-segmenter", "--index", "artifacts/index.h5", "--pseudolabels", "artifacts/pseudolabels.h5",
+             "--weights", "w", "--out", "two/segmenter.pt", params="params2.yaml")
+    assert "2 ranks under torchrun" in r.stderr
     two = loss_curve(run)
     assert len(two) == len(one) == 3
     for a, b in zip(one[:2], two[:2]):
@@ -140,6 +140,6 @@ def test_segmenter_ddp_loss_follows_one_process(run: Path) -> None:
 )
 def test_training_stage_runs_on_two_ranks(run: Path, stage: str, args: list[str], out: str) -> None:
     """Every training stage trains as 2 DDP ranks and rank 0 writes its output."""
-    err = useg(run, stage, *args, "--out", out, params="params2.yaml")
-    assert "2 ranks under torchrun" in err.stderr
+    r = useg(run, stage, *args, "--out", out, params="params2.yaml")
+    assert "2 ranks under torchrun" in r.stderr
     assert (run / out).exists()
