@@ -310,6 +310,37 @@ def class_shares(counts: np.ndarray, names: Sequence[str], top: int = 3) -> str:
     return ", ".join(f"{names[i]} {100 * counts[i] / total:.0f}%" for i in order if counts[i] > 0)
 
 
+def cam_pseudo_labels(cams: np.ndarray, bg_threshold: float = 0.1, background: bool = True) -> np.ndarray:
+    """TransFGU's pseudo-label of each token from one image's concept CAMs, in numpy.
+
+    The same rule as `pipeline.transfgu.pseudo_label_target` without a teacher (kept torch-free
+    for the report): min-max over all the image's maps, then, object-centric, a background
+    channel relu(bg_threshold - max) first, and the arg-max.
+
+    Args:
+        cams: (C, h, w) concept maps of one image.
+
+    Returns:
+        (h, w) int64 labels: 0 = background and c + 1 = concept c, or concept ids when
+        `background` is False (scene-centric).
+    """
+    maps = np.asarray(cams, dtype=np.float32)
+    lo, hi = maps.min(), maps.max()
+    norm = (maps - lo) / max(float(hi - lo), 1e-12)
+    if background:
+        norm = np.concatenate([np.maximum(bg_threshold - norm.max(0, keepdims=True), 0.0), norm])
+    return norm.argmax(0).astype(np.int64)
+
+
+def resize_nearest(labels: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """A 2-D label map resized to (height, width) by nearest neighbour (each output pixel takes
+    the cell that contains its centre)."""
+    h, w = labels.shape
+    rows = np.minimum(((np.arange(size[0]) + 0.5) * h / size[0]).astype(np.int64), h - 1)
+    cols = np.minimum(((np.arange(size[1]) + 0.5) * w / size[1]).astype(np.int64), w - 1)
+    return labels[rows[:, None], cols[None, :]]
+
+
 # ----------------------------------------------------------------------------- the page
 
 

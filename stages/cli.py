@@ -507,22 +507,24 @@ def report(
     predictions: Annotated[Path, typer.Option(help="Folder of predictions artifacts (*.h5, schema useg.predictions) for the sample grid.")] = Path("artifacts/predictions"),
     masks: Annotated[Path, typer.Option("--masks", help="masks.h5 written by `useg mine`, for the cluster gallery.")] = Path("artifacts/masks.h5"),
     clusters: Annotated[Path, typer.Option("--clusters", help="clusters.h5 written by `useg cluster`, for the cluster gallery.")] = Path("artifacts/clusters.h5"),
+    cams: Annotated[Path, typer.Option("--cams", help="cams.h5 written by `useg cams`, for TransFGU's CAM pseudo-labels on train images.")] = Path("artifacts/transfgu/cams.h5"),
     out: Annotated[Path, typer.Option(help="Report folder to write (index.html + PNGs; replaced whole, only if empty or an earlier report).")] = Path("results/report"),
-    samples: Annotated[int, typer.Option(min=0, help="Eval images in the sample grid (image | GT | each method).")] = 6,
+    samples: Annotated[int, typer.Option(min=0, help="Eval images in the sample grid (image | GT | each method), and train images in the CAM grid.")] = 6,
     crops: Annotated[int, typer.Option(min=0, help="Mask crops shown per cluster in the gallery.")] = 8,
     params: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Write a self-contained static HTML report of a run: OUT/index.html plus PNGs next to it.
 
     Reads the index (dataset, eval split), the metrics, per-class IoU, confusion matrices and training
-    curves under RESULTS, the eval-split predictions in PREDICTIONS, and MASKS + CLUSTERS for a crop
-    gallery per cluster. A section whose inputs are missing is skipped with a note on the page; a
+    curves under RESULTS, the eval-split predictions in PREDICTIONS, MASKS + CLUSTERS for a crop
+    gallery per cluster, and CAMS for TransFGU's pseudo-labels on train images. A section whose inputs are missing is skipped with a note on the page; a
     missing index stops with exit code 2. No script and no network resource in the page.
     """
     p = _params(params)
     from stages import report as stage
 
-    stage.run(p, index, results, predictions, masks, clusters, out, num_samples=samples, crops_per_cluster=crops)
+    stage.run(p, index, results, predictions, masks, clusters, out, num_samples=samples, crops_per_cluster=crops,
+              cams_path=cams)
 
 
 @app.command()

@@ -2,7 +2,8 @@
 
 Sections: metrics tables (every results/*/metrics.json), per-class IoU bars, the evaluate
 confusion matrices, DVCLive training curves, sample label maps (image | GT | each method) from
-the eval-split predictions, and a crop gallery per discovered cluster (masks.h5 + clusters.h5).
+the eval-split predictions, a crop gallery per discovered cluster (masks.h5 + clusters.h5), and
+TransFGU's CAM pseudo-labels on train images with each concept's share of the pixels (cams.h5).
 A section whose inputs are missing or stale is skipped with a note on the page, never a crash;
 only a missing or unreadable image index stops the command. The folder is built beside OUT and
 swapped in whole, so no PNG of an earlier report is left behind.
@@ -49,6 +50,7 @@ def run(
     out_dir: Path,
     num_samples: int = 6,
     crops_per_cluster: int = 8,
+    cams_path: Path | None = None,
 ) -> Path:
     """Write OUT_DIR/index.html and its PNGs; returns the page's path.
 
@@ -71,6 +73,7 @@ def run(
             curves_section(results_dir, out_dir, tmp),
             samples_section(params, index, predictions_dir, per_class, tmp, num_samples),
             gallery_section(index, masks_path, clusters_path, tmp, crops_per_cluster),
+            cams_section(params, index, cams_path, tmp, num_samples),
         ]
         page = rep.render_page(f"useg report: {index.dataset.name}", _meta(params, index, index_path), sections)
         (tmp / "index.html").write_text(page, encoding="utf-8")
@@ -321,16 +324,12 @@ def gallery_section(index: ImageIndex, masks_path: Path, clusters_path: Path, tm
         if not path.exists():
             sec.note(f"skipped: {path} not found (no mask mining / clustering in this run)")
             return sec
-    try:
-        masks = open_artifact(masks_path, "useg.masks", index.fingerprint)
-    except UsegError as e:
-        sec.note(f"skipped: {e}")
+    masks = _open_or_note(sec, masks_path, "useg.masks", index)
+    if masks is None:
         return sec
     with masks:
-        try:
-            clusters = open_artifact(clusters_path, "useg.clusters", index.fingerprint)
-        except UsegError as e:
-            sec.note(f"skipped: {e}")
+        clusters = _open_or_note(sec, clusters_path, "useg.clusters", index)
+        if clusters is None:
             return sec
         with clusters:
             image_index = masks["image_index"][()]
@@ -378,6 +377,71 @@ def _gallery(index, reader, image_index, boxes, labels, dist, k: int, m: int, tm
         parts.append(f"<h3>{html.escape(head)}</h3>" + rep.figure_html(name, caption, alt=f"cluster {c}"))
     sec.add(f'<p class="caption">{k} clusters; crops of each mask\'s bounding box, sorted by distance to the '
             "cluster centroid.</p>" + "".join(parts))
+
+
+def cams_section(params: Params, index: ImageIndex, cams_path: Path | None, tmp: Path, n: int) -> rep.Section:
+    """TransFGU's pseudo-labels: `n` train images (image | GT | arg-max of the CAMs), and per
+    concept the share of the train tokens it wins, with the GT classes under them."""
+    sec = rep.Section("cams", "TransFGU CAM pseudo-labels")
+    if n == 0:
+        sec.note("skipped: --samples 0")
+        return sec
+    if cams_path is None or not cams_path.exists():
+        sec.note(f"skipped: {cams_path} not found (no TransFGU `cams` stage in this run)")
+        return sec
+    f = _open_or_note(sec, cams_path, "useg.cams", index)
+    if f is None:
+        return sec
+    ds = index.dataset
+    bg = params.transfgu.bg_threshold
+    with f:
+        positions = f["positions"][()]
+        cams = f["cams"]
+        background = not bool(f.attrs["scene_centric"])
+        k = cams.shape[1] + background
+        names = (["background"] if background else []) + [f"concept {c}" for c in range(cams.shape[1])]
+        won = np.zeros(k, dtype=np.int64)
+        under = np.zeros((k, ds.num_classes), dtype=np.int64)
+        pick = set(np.unique(np.linspace(0, len(positions) - 1, min(n, len(positions))).round().astype(int)).tolist())
+        grid = []
+        for j in track(range(len(positions)), "report: CAM pseudo-labels"):
+            labels = rep.cam_pseudo_labels(cams[j], bg, background)
+            won += np.bincount(labels.ravel(), minlength=k)
+            if not ds.has_labels and j not in pick:
+                continue
+            sample = ds.samples[int(positions[j])]
+            gt = ds.load_mask(sample) if ds.has_labels else None
+            size = gt.shape if gt is not None else ds.load_image(sample).shape[:2]
+            full = rep.resize_nearest(labels, size)
+            if gt is not None:
+                valid = gt < ds.num_classes
+                under += np.bincount(full[valid] * ds.num_classes + gt[valid],
+                                     minlength=k * ds.num_classes).reshape(k, ds.num_classes)
+            if j in pick:
+                grid.append([ds.load_image(sample)] + ([gt] if gt is not None else []) + [full])
+    titles = ["image"] + (["ground truth"] if ds.has_labels else []) + ["CAM pseudo-label"]
+    viz.overlay_grid(grid, titles, tmp / "cams.png", tile_height=SAMPLE_TILE)
+    sec.add(rep.figure_html("cams.png", f"{len(grid)} of the {len(positions)} train images, evenly spaced: the arg-max "
+                                        "of the min-max normalised CAMs on the token grid (the training target before "
+                                        "bootstrapping), shown by nearest neighbour; colours by label id, "
+                                        + ("0 = background." if background else "no background (scene-centric).")))
+    rows = []
+    for c in range(k):
+        line = f"{names[c]}: {100 * won[c] / max(won.sum(), 1):.1f}% of the train tokens"
+        if ds.has_labels:
+            line += "; GT pixels under it: " + rep.class_shares(under[c], ds.class_names)
+        rows.append(f"<li>{html.escape(line)}</li>")
+    sec.add("<ul>" + "".join(rows) + "</ul>")
+    return sec
+
+
+def _open_or_note(sec: rep.Section, path: Path, schema: str, index: ImageIndex):
+    """The artifact opened (schema and dataset checked), or None with the reason noted on the section."""
+    try:
+        return open_artifact(path, schema, index.fingerprint)
+    except UsegError as e:
+        sec.note(f"skipped: {e}")
+        return None
 
 
 def _count(n: int, noun: str) -> str:

@@ -71,7 +71,8 @@ class FakeRun:
 
     def report(self, out: Path, **kw) -> Path:
         args = dict(results_dir=self.root / "results", predictions_dir=self.root / "artifacts" / "predictions",
-                    masks_path=self.root / "artifacts" / "masks.h5", clusters_path=self.root / "artifacts" / "clusters.h5")
+                    masks_path=self.root / "artifacts" / "masks.h5", clusters_path=self.root / "artifacts" / "clusters.h5",
+                    cams_path=self.root / "artifacts" / "transfgu" / "cams.h5")
         args.update(kw)
         return stage.run(self.params, self.index, out_dir=out, num_samples=3, crops_per_cluster=4, **args)
 
@@ -124,6 +125,27 @@ def _write_masks_and_clusters(root: Path, index_path: Path, split: str) -> None:
         f.create_dataset("centroids", data=np.eye(6, dtype=np.float32), track_times=False)
 
 
+CAM_GRID = 8  # token grid of the fake CAMs (64-px images: one token per 8x8 block)
+
+
+def _write_cams(path: Path, index_path: Path, split: str) -> None:
+    """Object-centric CAMs of 6 concepts whose map c is high exactly on the tokens of GT class c + 1."""
+    index = read_index(index_path)
+    pos = index.positions(split)
+    with write_artifact(path, "useg.cams", Provenance("cams", "{}", index.fingerprint, {})) as f:
+        f.attrs["scene_centric"] = False
+        f.attrs["grid"] = np.asarray([CAM_GRID, CAM_GRID], dtype=np.int64)
+        f.create_dataset("positions", data=pos, track_times=False)
+        cams = np.full((len(pos), 6, CAM_GRID, CAM_GRID), 0.05, dtype=np.float16)
+        for j, p in enumerate(pos):
+            gt = index.dataset.load_mask(index.dataset.samples[int(p)])
+            step = gt.shape[0] // CAM_GRID
+            tokens = gt[step // 2::step, step // 2::step]
+            for c in range(6):
+                cams[j, c][tokens == c + 1] = 1.05
+        f.create_dataset("cams", data=cams, track_times=False)
+
+
 @pytest.fixture(scope="module")
 def fake_run(tmp_path_factory: pytest.TempPathFactory) -> FakeRun:
     root = tmp_path_factory.mktemp("run")
@@ -148,6 +170,7 @@ def fake_run(tmp_path_factory: pytest.TempPathFactory) -> FakeRun:
         live({"epoch": epoch, "loss": loss, "lr": 0.01 / (epoch + 1)})
     live.end()
     _write_masks_and_clusters(root, index_path, params.base.train_split)
+    _write_cams(root / "artifacts" / "transfgu" / "cams.h5", index_path, params.base.train_split)
     return FakeRun(root, params)
 
 
@@ -171,7 +194,7 @@ def test_page_is_self_contained_and_complete(fake_run: FakeRun, full_report: Pat
         assert (folder / ref).is_file(), f"{ref} referenced but not in {folder}"
     pngs = {p.name for p in folder.glob("*.png")}
     assert {"per_class_iou.png", "per_class_iou_contrast_eval.png", "confusion_baseline_patch_kmeans.png",
-            "curves_distill.png", "samples.png"} <= pngs
+            "curves_distill.png", "samples.png", "cams.png"} <= pngs
     with h5py.File(fake_run.root / "artifacts" / "clusters.h5", "r") as f:
         sizes = np.bincount(f["label"][()], minlength=6)
     assert {f"cluster_{c:03d}.png" for c in range(6) if sizes[c]} == {p for p in pngs if p.startswith("cluster_")}
@@ -210,6 +233,28 @@ def test_samples_use_the_evaluate_mapping(full_report: Path) -> None:
     np.testing.assert_array_equal(gt, pred)
 
 
+def test_cam_section_shows_the_pseudo_labels_and_what_each_concept_wins(fake_run: FakeRun, full_report: Path) -> None:
+    page = full_report.read_text()
+    section = page[page.index('<section id="cams">'):]
+    section = section[:section.index("</section>")]
+    lines = re.findall(r"<li>([^<]*)</li>", section)
+    assert len(lines) == 7 and lines[0].startswith("background: ")  # background + 6 concepts
+    index = read_index(fake_run.index)
+    names = index.dataset.class_names
+    shares = {}
+    for c in range(6):
+        m = re.match(rf"concept {c}: ([0-9.]+)% of the train tokens; GT pixels under it: (.*)$", lines[c + 1])
+        assert m, lines[c + 1]
+        shares[c] = float(m.group(1))
+        if shares[c] >= 1.0:  # concept c was made to fire on class c + 1: that class leads what it covers
+            assert m.group(2).startswith(names[c + 1] + " "), (c, m.group(2))
+    assert float(re.match(r"background: ([0-9.]+)%", lines[0]).group(1)) + sum(shares.values()) == pytest.approx(100, abs=0.5)
+    assert sum(v >= 1.0 for v in shares.values()) >= 3, shares
+    grid = np.asarray(Image.open(full_report.parent / "cams.png").convert("RGB"))
+    tile = stage.SAMPLE_TILE  # image | GT | CAM pseudo-label, 3 rows (--samples 3)
+    assert grid.shape[:2] == (20 + 3 * (tile + 4) + 4, 4 + 3 * (tile + 4))
+
+
 def test_report_is_deterministic(fake_run: FakeRun, full_report: Path, tmp_path: Path) -> None:
     """Same inputs, same bytes: every PNG and the page itself (no timestamp), so DVC sees no change."""
     again = fake_run.report(tmp_path / "again").parent
@@ -222,11 +267,12 @@ def test_report_is_deterministic(fake_run: FakeRun, full_report: Path, tmp_path:
 def test_missing_optional_inputs_are_skipped_with_a_note(fake_run: FakeRun, tmp_path: Path) -> None:
     empty = tmp_path / "nothing"
     page_path = fake_run.report(tmp_path / "report", results_dir=empty / "results", predictions_dir=empty / "pred",
-                                masks_path=empty / "masks.h5", clusters_path=empty / "clusters.h5")
+                                masks_path=empty / "masks.h5", clusters_path=empty / "clusters.h5",
+                                cams_path=empty / "cams.h5")
     page = page_path.read_text()
     assert parse(page).imgs == 0
     notes = re.findall(r'<p class="note">([^<]*)</p>', page)
-    for missing in ("metrics.json", "per_class.json", "confusion.png", "DVCLive", "predictions", "masks.h5"):
+    for missing in ("metrics.json", "per_class.json", "confusion.png", "DVCLive", "predictions", "masks.h5", "cams.h5"):
         assert any(missing in n for n in notes), f"no note about {missing}: {notes}"
     assert sorted(p.name for p in page_path.parent.iterdir()) == ["index.html"]
 
@@ -244,6 +290,14 @@ def test_stale_artifacts_are_skipped_with_a_note(fake_run: FakeRun, tmp_path: Pa
     shutil.copy(fake_run.root / "artifacts" / "predictions" / "baseline.h5", preds / "baseline.h5")
     page = fake_run.report(tmp_path / "report", predictions_dir=preds).read_text()
     assert "skipped old.h5" in page and "made from another dataset" in page
+    assert "samples.png" in page
+
+
+def test_cams_of_another_dataset_are_skipped_with_a_note(fake_run: FakeRun, tmp_path: Path) -> None:
+    with write_artifact(tmp_path / "cams.h5", "useg.cams", Provenance("cams", "{}", "another-dataset", {})) as f:
+        f.attrs["scene_centric"] = False
+    page = fake_run.report(tmp_path / "report", cams_path=tmp_path / "cams.h5").read_text()
+    assert "made from another dataset" in page and "cams.png" not in page
     assert "samples.png" in page
 
 
@@ -279,14 +333,24 @@ def test_cli_writes_the_page(fake_run: FakeRun, tmp_path: Path) -> None:
     res = CliRunner().invoke(app, [
         "report", "--index", str(fake_run.index), "--results", str(root / "results"),
         "--predictions", str(root / "artifacts" / "predictions"), "--masks", str(root / "artifacts" / "masks.h5"),
-        "--clusters", str(root / "artifacts" / "clusters.h5"), "--out", str(tmp_path / "r"), "--samples", "2",
+        "--clusters", str(root / "artifacts" / "clusters.h5"), "--cams", str(root / "artifacts" / "transfgu" / "cams.h5"),
+        "--out", str(tmp_path / "r"), "--samples", "2",
         "--crops", "2", "--params", str(params),
     ])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "r" / "index.html").is_file() and (tmp_path / "r" / "samples.png").is_file()
+    assert (tmp_path / "r" / "cams.png").is_file()
 
 
 # ----------------------------------------------------------------------------- building blocks
+
+
+def test_resize_nearest_takes_the_cell_under_each_pixel_centre() -> None:
+    labels = np.array([[1, 2], [3, 4]])
+    np.testing.assert_array_equal(rep.resize_nearest(labels, (4, 6)), np.kron(labels, np.ones((2, 3), dtype=np.int64)))
+    grid = np.arange(9).reshape(3, 3)
+    np.testing.assert_array_equal(rep.resize_nearest(grid, (2, 2)), [[0, 2], [6, 8]])  # centres at 0.75 and 2.25
+    np.testing.assert_array_equal(rep.resize_nearest(grid, (3, 3)), grid)
 
 
 def test_format_value() -> None:

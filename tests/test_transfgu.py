@@ -284,6 +284,19 @@ def test_pseudo_label_target_by_hand() -> None:
     assert pseudo_label_target(cams, background=False).tolist() == [[[0, 0, 0, 1]]]
 
 
+@pytest.mark.parametrize("background", [True, False])
+def test_report_cam_labels_match_the_training_target(background: bool) -> None:
+    """The report's torch-free pseudo-labels are the training target's (no teacher)."""
+    from pipeline.report import cam_pseudo_labels
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        cams = torch.rand(1, 4, 6, 7, generator=g) ** 3  # skewed: background wins somewhere
+        cams[0, 1, :2] = 0.0  # a zeroed region (positive gradient) like the real CAMs have
+        expect = pseudo_label_target(cams, background=background)[0].numpy()
+        np.testing.assert_array_equal(cam_pseudo_labels(cams[0].numpy(), 0.1, background), expect)
+
+
 def test_embedding_loss_by_hand() -> None:
     e = torch.tensor([[1.0, 0.0], [0.0, 3.0], [2.0, 2.0]])  # cosines: 0, 1/sqrt2, 1/sqrt2
     expect = 1 + (2 / math.sqrt(2)) / 3
