@@ -517,8 +517,9 @@ def report(
 
     Reads the index (dataset, eval split), the metrics, per-class IoU, confusion matrices and training
     curves under RESULTS, the eval-split predictions in PREDICTIONS, MASKS + CLUSTERS for a crop
-    gallery per cluster, and CAMS for TransFGU's pseudo-labels on train images. A section whose inputs are missing is skipped with a note on the page; a
-    missing index stops with exit code 2. No script and no network resource in the page.
+    gallery per cluster, and CAMS for TransFGU's pseudo-labels on train images. A section whose
+    inputs are missing is skipped with a note on the page; a missing index stops with exit code 2.
+    No script and no network resource in the page.
     """
     p = _params(params)
     from stages import report as stage

@@ -396,6 +396,9 @@ def cams_section(params: Params, index: ImageIndex, cams_path: Path | None, tmp:
     bg = params.transfgu.bg_threshold
     with f:
         positions = f["positions"][()]
+        if not len(positions):
+            sec.note(f"skipped: {cams_path} holds no image")
+            return sec
         cams = f["cams"]
         background = not bool(f.attrs["scene_centric"])
         k = cams.shape[1] + background

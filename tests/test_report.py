@@ -293,12 +293,19 @@ def test_stale_artifacts_are_skipped_with_a_note(fake_run: FakeRun, tmp_path: Pa
     assert "samples.png" in page
 
 
-def test_cams_of_another_dataset_are_skipped_with_a_note(fake_run: FakeRun, tmp_path: Path) -> None:
+def test_cams_of_another_dataset_or_of_no_image_are_skipped_with_a_note(fake_run: FakeRun, tmp_path: Path) -> None:
     with write_artifact(tmp_path / "cams.h5", "useg.cams", Provenance("cams", "{}", "another-dataset", {})) as f:
         f.attrs["scene_centric"] = False
     page = fake_run.report(tmp_path / "report", cams_path=tmp_path / "cams.h5").read_text()
     assert "made from another dataset" in page and "cams.png" not in page
     assert "samples.png" in page
+    index = read_index(fake_run.index)
+    with write_artifact(tmp_path / "empty.h5", "useg.cams", Provenance("cams", "{}", index.fingerprint, {})) as f:
+        f.attrs["scene_centric"] = True
+        f.create_dataset("positions", data=np.zeros(0, dtype=np.int64))
+        f.create_dataset("cams", data=np.zeros((0, 3, CAM_GRID, CAM_GRID), dtype=np.float16))
+    page = fake_run.report(tmp_path / "report2", cams_path=tmp_path / "empty.h5").read_text()
+    assert "empty.h5 holds no image" in page and "cams.png" not in page
 
 
 def test_report_replaces_an_earlier_report_whole(fake_run: FakeRun, tmp_path: Path) -> None:
