@@ -320,3 +320,19 @@ def _check_conf(conf: np.ndarray) -> np.ndarray:
     if conf.size and conf.min() < 0:
         raise ValueError("confusion matrix has negative counts")
     return conf.astype(np.int64, copy=False)
+
+
+def resize_nearest(label_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of a label map, sampling the source at the target pixel centres.
+
+    Args:
+        label_map: (H, W) ids.
+        size: (height, width) of the result.
+
+    Returns:
+        Array (height, width), same dtype.
+    """
+    src_h, src_w = label_map.shape
+    rows = np.minimum(((np.arange(size[0]) + 0.5) * src_h / size[0]).astype(np.int64), src_h - 1)
+    cols = np.minimum(((np.arange(size[1]) + 0.5) * src_w / size[1]).astype(np.int64), src_w - 1)
+    return label_map[rows[:, None], cols[None, :]]

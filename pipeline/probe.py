@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import dist
-from pipeline.metrics import IGNORE_INDEX, MatchResult, confusion_matrix, identity_match
+from pipeline.metrics import IGNORE_INDEX, MatchResult, confusion_matrix, identity_match, resize_nearest
 
 LOSS_TARGETS = ("upsampled", "token-majority")
 _READ_CHUNK = 64  # images per read from an h5py dataset
@@ -345,22 +345,6 @@ def _check_gt(gt: np.ndarray, num_classes: int, index: int) -> np.ndarray:
     if bad.any():
         raise ValueError(f"label map {index} has class id {gt[bad][0]} >= num_classes = {num_classes} (255 = ignore)")
     return gt
-
-
-def resize_nearest(label_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of a label map, sampling the source at the target pixel centres.
-
-    Args:
-        label_map: (H, W) ids.
-        size: (height, width) of the result.
-
-    Returns:
-        Array (height, width), same dtype.
-    """
-    src_h, src_w = label_map.shape
-    rows = np.minimum(((np.arange(size[0]) + 0.5) * src_h / size[0]).astype(np.int64), src_h - 1)
-    cols = np.minimum(((np.arange(size[1]) + 0.5) * src_w / size[1]).astype(np.int64), src_w - 1)
-    return label_map[rows[:, None], cols[None, :]]
 
 
 def token_majority(label_map: np.ndarray, grid: tuple[int, int], num_classes: int, samples: int = 8) -> np.ndarray:

@@ -332,15 +332,6 @@ def cam_pseudo_labels(cams: np.ndarray, bg_threshold: float = 0.1, background: b
     return norm.argmax(0).astype(np.int64)
 
 
-def resize_nearest(labels: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """A 2-D label map resized to (height, width) by nearest neighbour (each output pixel takes
-    the cell that contains its centre)."""
-    h, w = labels.shape
-    rows = np.minimum(((np.arange(size[0]) + 0.5) * h / size[0]).astype(np.int64), h - 1)
-    cols = np.minimum(((np.arange(size[1]) + 0.5) * w / size[1]).astype(np.int64), w - 1)
-    return labels[rows[:, None], cols[None, :]]
-
-
 # ----------------------------------------------------------------------------- the page
 
 

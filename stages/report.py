@@ -26,6 +26,7 @@ from pipeline.artifacts import RaggedReader, open_artifact, read_strings, staged
 from pipeline.config import Params
 from pipeline.errors import DataError, UsegError
 from pipeline.index import ImageIndex, read_index
+from pipeline.metrics import confusion_matrix, resize_nearest
 from pipeline.progress import track
 
 #: Height in pixels of every tile of the sample grid.
@@ -293,7 +294,7 @@ def samples_section(
         if not shared:
             sec.note(f"skipped: the predictions artifacts share no image of the '{params.base.eval_split}' split")
             return sec
-        pick = [shared[int(j)] for j in np.unique(np.linspace(0, len(shared) - 1, min(n, len(shared))).round())]
+        pick = [shared[j] for j in _evenly_spaced(len(shared), n)]
         by_id = {s.id: s for s in ds.samples}
         titles = ["image"] + (["ground truth"] if ds.has_labels else []) + [_fit(c[0], SAMPLE_TILE // 6) for c in columns]
         grid = []
@@ -405,7 +406,7 @@ def cams_section(params: Params, index: ImageIndex, cams_path: Path | None, tmp:
         names = (["background"] if background else []) + [f"concept {c}" for c in range(cams.shape[1])]
         won = np.zeros(k, dtype=np.int64)
         under = np.zeros((k, ds.num_classes), dtype=np.int64)
-        pick = set(np.unique(np.linspace(0, len(positions) - 1, min(n, len(positions))).round().astype(int)).tolist())
+        pick = set(_evenly_spaced(len(positions), n))
         grid = []
         for j in track(range(len(positions)), "report: CAM pseudo-labels"):
             labels = rep.cam_pseudo_labels(cams[j], bg, background)
@@ -413,15 +414,13 @@ def cams_section(params: Params, index: ImageIndex, cams_path: Path | None, tmp:
             if not ds.has_labels and j not in pick:
                 continue
             sample = ds.samples[int(positions[j])]
+            image = ds.load_image(sample) if j in pick else None
             gt = ds.load_mask(sample) if ds.has_labels else None
-            size = gt.shape if gt is not None else ds.load_image(sample).shape[:2]
-            full = rep.resize_nearest(labels, size)
+            full = resize_nearest(labels, gt.shape if gt is not None else image.shape[:2])
             if gt is not None:
-                valid = gt < ds.num_classes
-                under += np.bincount(full[valid] * ds.num_classes + gt[valid],
-                                     minlength=k * ds.num_classes).reshape(k, ds.num_classes)
-            if j in pick:
-                grid.append([ds.load_image(sample)] + ([gt] if gt is not None else []) + [full])
+                under += confusion_matrix(full, gt, k, ds.num_classes)
+            if image is not None:
+                grid.append([image] + ([gt] if gt is not None else []) + [full])
     titles = ["image"] + (["ground truth"] if ds.has_labels else []) + ["CAM pseudo-label"]
     viz.overlay_grid(grid, titles, tmp / "cams.png", tile_height=SAMPLE_TILE)
     sec.add(rep.figure_html("cams.png", f"{len(grid)} of the {len(positions)} train images, evenly spaced: the arg-max "
@@ -436,6 +435,11 @@ def cams_section(params: Params, index: ImageIndex, cams_path: Path | None, tmp:
         rows.append(f"<li>{html.escape(line)}</li>")
     sec.add("<ul>" + "".join(rows) + "</ul>")
     return sec
+
+
+def _evenly_spaced(count: int, n: int) -> list[int]:
+    """Up to `n` distinct indices spread evenly over range(count), first and last included."""
+    return [int(j) for j in np.unique(np.linspace(0, count - 1, min(n, count)).round())]
 
 
 def _open_or_note(sec: rep.Section, path: Path, schema: str, index: ImageIndex):

@@ -28,6 +28,7 @@ from pipeline.config import Params
 from pipeline.data.synthetic import generate_synthetic
 from pipeline.errors import UsegError
 from pipeline.index import read_index
+from pipeline.metrics import resize_nearest
 from pipeline.mining import mask_box
 from pipeline.tracking import DVCLiveLogger
 from stages import evaluate, prepare
@@ -354,10 +355,10 @@ def test_cli_writes_the_page(fake_run: FakeRun, tmp_path: Path) -> None:
 
 def test_resize_nearest_takes_the_cell_under_each_pixel_centre() -> None:
     labels = np.array([[1, 2], [3, 4]])
-    np.testing.assert_array_equal(rep.resize_nearest(labels, (4, 6)), np.kron(labels, np.ones((2, 3), dtype=np.int64)))
+    np.testing.assert_array_equal(resize_nearest(labels, (4, 6)), np.kron(labels, np.ones((2, 3), dtype=np.int64)))
     grid = np.arange(9).reshape(3, 3)
-    np.testing.assert_array_equal(rep.resize_nearest(grid, (2, 2)), [[0, 2], [6, 8]])  # centres at 0.75 and 2.25
-    np.testing.assert_array_equal(rep.resize_nearest(grid, (3, 3)), grid)
+    np.testing.assert_array_equal(resize_nearest(grid, (2, 2)), [[0, 2], [6, 8]])  # centres at 0.75 and 2.25
+    np.testing.assert_array_equal(resize_nearest(grid, (3, 3)), grid)
 
 
 def test_format_value() -> None:
