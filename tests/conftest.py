@@ -41,3 +41,15 @@ def random_mobilenet_v2(tmp_path_factory) -> Path:
         torch.manual_seed(0)
         torch.save(torchvision.models.mobilenet_v2(weights=None).state_dict(), path)
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: tiny models, and no OpenMP spinning on a shared 2-core machine.
+    Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -22,15 +22,7 @@ from pipeline.maskrcnn import (
 )
 
 SIZE = 64
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: tiny models, and no OpenMP spinning on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def planted_squares(n: int, seed: int = 0) -> tuple[list[np.ndarray], list[list[tuple[np.ndarray, int]]]]:
