@@ -88,8 +88,10 @@ def test_dvc_repro_end_to_end(tmp_path):
     assert len(contrast["kmeans"]["miou_per_seed"]) == 2 and contrast["kmeans"]["matching"] == "iou"
     assert {"linear_probe", "retrieval"} <= set(contrast)
     assert 0.0 <= metrics["transfgu"]["transfgu"]["miou"] <= 100.0
-    diag = json.loads((repo / "results/filter/metrics.json").read_text())["diagnostic_train_gt"]
-    assert set(diag) == {"before_filter", "after_filter"}
+    filt = json.loads((repo / "results/filter/metrics.json").read_text())
+    assert set(filt["diagnostic_train_gt"]) == {"before_filter", "after_filter"}
+    assert 0 <= filt["images_without_detection"] <= filt["images"]
+    assert (filt["images_without_detection"] == filt["images"]) == (filt["detections_kept_mean"] == 0)
     probe = json.loads((repo / "results/probe/metrics.json").read_text())
     assert 0.0 <= probe["probe"]["miou"] <= 100.0
     assert (repo / "results/evaluate/baseline_patch_kmeans/overlays.png").stat().st_size > 0

@@ -35,3 +35,15 @@ def test_filter_diagnostic_pasted_pixel_precision():
     assert d["pasted_pixels"] == 65
     assert abs(d["pasted_pixel_precision"] - 100 * 50 / 65) < 1e-3
     assert abs(d["pixel_accuracy"] - 100 * 100 / 120) < 1e-3
+
+
+def test_filter_warns_about_images_without_detection():
+    from stages.filter import empty_images_warning
+
+    assert empty_images_warning([1, 2, 1], 0.05) is None
+    some = empty_images_warning([0, 2, 0, 1], 0.05)
+    assert "2 of 4 train images" in some and "filter.score_floor 0.05" in some
+    assert "distill.epochs" not in some
+    every = empty_images_warning([0, 0, 0], 0.05)
+    assert "3 of 3 train images" in every and "Every pseudo-label is background" in every
+    assert "distill.epochs" in every
