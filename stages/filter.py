@@ -42,15 +42,14 @@ def load_initial_model(path: Path, fingerprint: str):
     return model.eval(), state
 
 
-def empty_images_warning(kept: list[int], score_floor: float) -> str | None:
-    """A warning when the initial model left train images with no detection at all (so with an
-    all-background pseudo-label), or None when every image kept at least one."""
-    empty = sum(1 for n in kept if n == 0)
+def empty_images_warning(empty: int, total: int, score_floor: float) -> str | None:
+    """A warning when the initial model left `empty` of the `total` train images with no detection
+    at all (so with an all-background pseudo-label), or None when every image kept at least one."""
     if not empty:
         return None
-    msg = (f"filter: warning: {empty} of {len(kept)} train images got no detection above "
+    msg = (f"filter: warning: {empty} of {total} train images got no detection above "
            f"filter.score_floor {score_floor} from the initial model; their pseudo-labels are all background")
-    if empty == len(kept):
+    if empty == total:
         msg += (". Every pseudo-label is background, so the final segmenter can only learn background: "
                 "train the initial model longer (distill.epochs) or lower filter.score_floor")
     return msg
@@ -125,14 +124,15 @@ def run(params: Params, index_path: Path, masks_path: Path, clusters_path: Path,
                 conf_before += confusion_matrix(before.astype(np.int64), gt, k + 1, c)
                 conf_after += confusion_matrix(label.astype(np.int64), gt, k + 1, c)
         w.close()
+    empty = sum(1 for n in kept if n == 0)
     metrics = {"images": int(len(train)), "detections_kept_mean": round(float(np.mean(kept)), 4),
-               "images_without_detection": int(sum(1 for n in kept if n == 0))}
+               "images_without_detection": empty}
     if has_gt:
         metrics["diagnostic_train_gt"] = {"before_filter": diagnostic(conf_before), "after_filter": diagnostic(conf_after)}
     with staged_folder(metrics_dir) as tmp:
         write_json(tmp / "metrics.json", metrics)
     console = Console(stderr=True)
     console.print(f"filter: {json.dumps(metrics)}")
-    warning = empty_images_warning(kept, cfg.score_floor)
+    warning = empty_images_warning(empty, len(kept), cfg.score_floor)
     if warning:
         console.print(warning, style="yellow", markup=False)

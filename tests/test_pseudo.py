@@ -40,10 +40,10 @@ def test_filter_diagnostic_pasted_pixel_precision():
 def test_filter_warns_about_images_without_detection():
     from stages.filter import empty_images_warning
 
-    assert empty_images_warning([1, 2, 1], 0.05) is None
-    some = empty_images_warning([0, 2, 0, 1], 0.05)
+    assert empty_images_warning(0, 3, 0.05) is None
+    some = empty_images_warning(2, 4, 0.05)
     assert "2 of 4 train images" in some and "filter.score_floor 0.05" in some
     assert "distill.epochs" not in some
-    every = empty_images_warning([0, 0, 0], 0.05)
+    every = empty_images_warning(3, 3, 0.05)
     assert "3 of 3 train images" in every and "Every pseudo-label is background" in every
     assert "distill.epochs" in every
